@@ -39,6 +39,8 @@ from builder.build_cli import build_engines  # noqa: E402  (the console script `
 from builder.serve_cli import serve  # noqa: E402
 
 main.add_command(serve)
+from builder.repo_cli import repo; main.add_command(repo)  # noqa: E402,E702
+from builder.allowed_ips_cli import allowed_ips; main.add_command(allowed_ips)  # noqa: E402,E702
 main.add_command(build_engines, name="build")
 
 __all__ = ["main", "build_engines", "Command", "Group"]

@@ -62,17 +62,23 @@ class DeploymentName:
     # -- LLM deployments -------------------------------------------------------------------
     @property
     def llm(self) -> str:
-        """Non-decoupled front: tritonclient infer (HTTP, gRPC) and /generate."""
+        """The ensemble (not decoupled): tritonclient infer (HTTP, gRPC) and /generate."""
         return f"{self.name}-{self.precision}"
 
     @property
     def llm_stream(self) -> str:
-        """Decoupled ensemble: token streaming (gRPC stream_infer, /generate_stream)."""
+        """Decoupled: token streaming (gRPC stream_infer, /generate_stream)."""
         return f"{self.name}-{self.precision}-stream"
 
     @property
     def llm_engine(self) -> str:
+        """The engine (decoupled, in-flight batching): CPU or tensorrtllm."""
         return f"{self.name}-{self.precision}-engine"
+
+    @property
+    def llm_engine_call(self) -> str:
+        """Non-decoupled adapter the ensemble calls the engine through."""
+        return f"{self.name}-{self.precision}-engine-call"
 
     @property
     def preprocessing(self) -> str:
@@ -85,7 +91,8 @@ class DeploymentName:
         return f"{self.name}-postprocessing"
 
     def llm_models(self) -> list[str]:
-        return [self.preprocessing, self.postprocessing, self.llm_engine, self.llm_stream, self.llm]
+        return [self.preprocessing, self.postprocessing, self.llm_engine, self.llm_engine_call, self.llm,
+                self.llm_stream]
 
     # -- embedding deployments ---------------------------------------------------------------
     @property

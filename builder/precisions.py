@@ -35,14 +35,15 @@ PRECISIONS: dict[str, Precision] = {
         Precision("fp32", "fp32 weights (the reference)", None, None, None, None,
                   1.0, 0.99999, 0.99999, 0.99999,
                   "unquantized reference; CPU only"),
-        Precision("fp16", "fp16 weights", "float16", None, None, (7, 0),
-                  0.98, 0.999, 0.9999, 0.9999,
+        # TensorRT-LLM 1.2 supports Ampere (8.0) and newer; FP8 needs Ada/Hopper/Blackwell (8.9+).
+        Precision("fp16", "fp16 weights", "float16", None, None, (8, 0),
+                  0.99, 0.9999, 0.9999, 0.9999,
                   "half-precision weights"),
         Precision("int8", "int8 weight-only, asymmetric, per channel (nncf INT8_ASYM)", "float16", "W8A16", None,
-                  (7, 0), 0.90, 0.99, 0.99, 0.999,
+                  (8, 0), 0.95, 0.998, 0.99, 0.999,
                   "8-bit weight-only quantization, no calibration"),
         Precision("fp8", "fp8 e4m3 weights with scales (nncf FP8_E4M3)", "float16", "FP8", "FP8", (8, 9),
-                  0.85, 0.98, 0.99, 0.995,
+                  0.85, 0.99, 0.99, 0.995,
                   "8-bit float weights (and KV cache on GPU)"),
     )
 }

@@ -1,0 +1,237 @@
+"""The CPU engine: one openvino-genai ContinuousBatchingPipeline stepped by one thread.
+
+Requests join and leave between steps (in-flight batching): `submit` only enqueues; the stepping
+thread adds new requests to the pipeline, advances every live request by one step, hands new
+tokens to each request's callback, and cancels requests whose client went away. Nothing here
+knows about Triton: the Triton model wraps callbacks around response senders.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from backends.sampling import Sampling
+from builder.errors import RequestError
+
+log = logging.getLogger(__name__)
+
+# on_tokens(new_ids, final, finish_reason): finish_reason is "" until final, then stop|length|cancelled
+TokenCallback = Callable[[list[int], bool, str], None]
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: list[int]
+    max_new_tokens: int
+    end_id: int
+    sampling: Sampling
+    on_tokens: TokenCallback
+    stop_sequences: list[list[int]] = field(default_factory=list)
+    streaming: bool = False
+    is_cancelled: Callable[[], bool] = lambda: False
+    key: str = ""       # the client's request id: a later `stop` for the same key ends it
+
+
+@dataclass
+class _Live:
+    request: GenerationRequest
+    handle: object
+    generated: list[int] = field(default_factory=list)
+    sent: int = 0
+
+
+def ends_with_stop(generated: list[int], stops: list[list[int]]) -> int:
+    """Length of the stop sequence that `generated` ends with, or 0."""
+    for seq in stops:
+        if seq and len(generated) >= len(seq) and generated[-len(seq):] == seq:
+            return len(seq)
+    return 0
+
+
+def kv_cache_gib(engine_dir: Path, context_size: int, max_batch_size: int) -> int:
+    """KV cache to reserve for max_batch_size full contexts at f32, in whole GiB (at least 1)."""
+    cfg = json.loads((Path(engine_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 4
+    return max(1, -(-per_token * context_size * max_batch_size // 2**30))
+
+
+class ContinuousBatchingEngine:
+    def __init__(self, engine_dir: Path, context_size: int, max_batch_size: int,
+                 properties: dict | None = None, cache_gib: int | None = None):
+        import openvino as ov
+        import openvino_genai as og
+
+        self._ov, self._og = ov, og
+        self.context_size = context_size
+        scheduler = og.SchedulerConfig()
+        scheduler.max_num_seqs = max_batch_size
+        scheduler.cache_size = cache_gib or kv_cache_gib(engine_dir, context_size, max_batch_size)
+        scheduler.max_num_batched_tokens = max(context_size, 256)
+        # f32 inference: the CPU plugin's default on bf16-capable CPUs is bf16, which changes
+        # greedy outputs; weights keep their stored precision (fp16 / int8 / fp8).
+        props = {"INFERENCE_PRECISION_HINT": "f32", **(properties or {})}
+        self.pipeline = og.ContinuousBatchingPipeline(str(engine_dir), scheduler, "CPU", props)
+        self._queue: queue.Queue[GenerationRequest] = queue.Queue()
+        self._stopped_keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._live: dict[int, _Live] = {}
+        self._next_id = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cb-engine", daemon=True)
+        self._thread.start()
+
+    # -- public -------------------------------------------------------------------------------
+    def check(self, req: GenerationRequest) -> None:
+        """Refuse what the pipeline would choke on, before it is queued."""
+        if not req.input_ids:
+            raise RequestError("input_ids is empty: send at least one token")
+        if req.max_new_tokens < 1:
+            raise RequestError(f"request_output_len must be at least 1, got {req.max_new_tokens}")
+        if len(req.input_ids) + req.max_new_tokens > self.context_size:
+            raise RequestError(
+                f"{len(req.input_ids)} input tokens + {req.max_new_tokens} output tokens exceed the "
+                f"engine's context size of {self.context_size}")
+
+    def submit(self, req: GenerationRequest) -> None:
+        self.check(req)
+        if self._stop.is_set():
+            raise RequestError("the engine is shutting down: retry on another instance")
+        self._queue.put(req)
+
+    def stop(self, key: str) -> None:
+        """End the live or queued request with this key (tensorrtllm's `stop` input)."""
+        if key:
+            with self._lock:
+                self._stopped_keys.add(key)
+
+    def _take_stop(self, key: str) -> bool:
+        if not key:
+            return False
+        with self._lock:
+            if key in self._stopped_keys:
+                self._stopped_keys.discard(key)
+                return True
+        return False
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def live_requests(self) -> int:
+        return len(self._live)
+
+    # -- stepping thread ------------------------------------------------------------------------
+    def _config(self, req: GenerationRequest):
+        cfg = self._og.GenerationConfig()
+        cfg.max_new_tokens = req.max_new_tokens
+        cfg.eos_token_id = req.end_id
+        cfg.stop_token_ids = {req.end_id} | {s[0] for s in req.stop_sequences if len(s) == 1}
+        s = req.sampling
+        if s.greedy:
+            cfg.do_sample = False
+        else:
+            cfg.do_sample = True
+            cfg.temperature = s.temperature
+            cfg.top_k = s.top_k if s.top_k > 0 else 0
+            cfg.top_p = s.top_p
+            cfg.rng_seed = s.seed
+        return cfg
+
+    def _admit(self, block: bool) -> None:
+        try:
+            req = self._queue.get(timeout=0.05) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            rid, self._next_id = self._next_id, self._next_id + 1
+            try:
+                ids = self._ov.Tensor(np.asarray([req.input_ids], dtype=np.int64))
+                handle = self.pipeline.add_request(rid, ids, self._config(req))
+                self._live[rid] = _Live(req, handle)
+            except Exception as e:  # a bad request must not take the engine down
+                log.warning("request refused by the pipeline: %s", e)
+                self._deliver(req, [], True, "error")
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, req: GenerationRequest, ids: list[int], final: bool, reason: str) -> bool:
+        """Call the request's callback; False if the client is gone (sending failed)."""
+        try:
+            req.on_tokens(ids, final, reason)
+            return True
+        except Exception as e:
+            log.info("response could not be delivered (%s): cancelling", e)
+            return False
+
+    def _collect(self, rid: int, live: _Live) -> None:
+        og = self._og
+        req = live.request
+        if self._take_stop(req.key) or req.is_cancelled():
+            live.handle.cancel()
+            self._live.pop(rid)
+            self._deliver(req, [], True, "cancelled")
+            return
+        reason = ""
+        while live.handle.can_read():
+            for out in live.handle.read().values():
+                live.generated.extend(out.generated_ids)
+                if out.finish_reason == og.GenerationFinishReason.LENGTH:
+                    reason = "length"
+                elif out.finish_reason == og.GenerationFinishReason.STOP:
+                    reason = "stop"
+        status = live.handle.get_status()
+        stop_len = ends_with_stop(live.generated, req.stop_sequences)
+        if stop_len and not reason:
+            live.handle.cancel()  # a multi-token stop sequence: the pipeline does not know it
+            reason = "stop"
+        final = bool(reason) or status not in (og.GenerationStatus.RUNNING,)
+        if final and not reason:
+            reason = "length" if len(live.generated) >= req.max_new_tokens else "stop"
+        if req.streaming:
+            new = live.generated[live.sent:]
+            if new or final:
+                live.sent = len(live.generated)
+                if not self._deliver(req, new, final, reason if final else ""):
+                    live.handle.cancel()
+                    final = True
+        elif final:
+            self._deliver(req, live.generated, True, reason)
+        if final:
+            self._live.pop(rid, None)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._admit(block=not self._live)
+            if not self._live:
+                continue
+            try:
+                self.pipeline.step()
+            except Exception as e:  # keep serving: fail the live requests, not the engine
+                log.error("pipeline step failed: %s", e)
+                for rid, live in list(self._live.items()):
+                    live.handle.cancel()
+                    self._deliver(live.request, [], True, "error")
+                    self._live.pop(rid)
+                continue
+            for rid, live in list(self._live.items()):
+                self._collect(rid, live)
+        # shutting down: finish every handle so none leaks
+        for live in self._live.values():
+            live.handle.cancel()
+            self._deliver(live.request, [], True, "cancelled")
+        self._live.clear()
+        while self.pipeline.has_non_finished_requests():
+            self.pipeline.step()

@@ -1,0 +1,115 @@
+"""Preprocessing: a client request (plain values) -> the engine's inputs.
+
+One place validates everything a client sends, for either engine: prompt or chat messages,
+max_tokens against the context size, sampling ranges, stop and bad words.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backends.context import fit_chat, fit_prompt
+from backends.sampling import check_sampling
+from backends.tokenization import ModelTokenizer, parse_messages
+from builder.errors import RequestError
+
+
+@dataclass
+class ClientRequest:
+    """The ensemble inputs as plain Python values (None = not sent)."""
+
+    text_input: bytes | None = None
+    messages: bytes | None = None
+    max_tokens: int | None = None
+    stop_words: list[bytes] = field(default_factory=list)
+    bad_words: list[bytes] = field(default_factory=list)
+    end_id: int | None = None
+    pad_id: int | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None
+    random_seed: int | None = None
+    stream: bool = False
+    truncate: bool = False
+
+
+def utf8(value: bytes, what: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"{what} is not valid UTF-8 (bad byte at position {e.start}): send UTF-8 text") from None
+
+
+def words_to_list(tok: ModelTokenizer, words: list[str]) -> np.ndarray:
+    """Words -> tensorrtllm's [2, L] layout: row 0 the concatenated ids, row 1 the end offsets
+    padded with -1. No words -> [[0], [-1]]."""
+    ids: list[int] = []
+    offsets: list[int] = []
+    for w in words:
+        ids.extend(tok.encode(w, add_special_tokens=False))
+        offsets.append(len(ids))
+    if not ids:
+        return np.array([[0], [-1]], dtype=np.int32)
+    offsets += [-1] * (len(ids) - len(offsets))
+    return np.array([ids, offsets], dtype=np.int32)
+
+
+def list_to_words(flat: np.ndarray) -> list[list[int]]:
+    """Inverse of words_to_list, as the engine reads it."""
+    flat = np.asarray(flat).reshape(2, -1)
+    ids, offsets = flat[0].tolist(), [o for o in flat[1].tolist() if o >= 0]
+    out, start = [], 0
+    for end in offsets:
+        if end < start or end > len(ids):
+            raise RequestError("stop_words_list/bad_words_list offsets are malformed")
+        out.append(ids[start:end])
+        start = end
+    return [w for w in out if w]
+
+
+def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> dict[str, np.ndarray]:
+    """Validate and tokenize one request; raises RequestError with what to fix."""
+    if req.max_tokens is None:
+        raise RequestError("max_tokens is required: say how many tokens to generate")
+    if req.text_input is not None and req.messages is not None:
+        raise RequestError("send either text_input or messages, not both")
+    if req.messages is not None:
+        messages = parse_messages(utf8(req.messages, "messages"))
+        fitted = fit_chat(messages, tok.encode_chat, req.max_tokens, context_size, req.truncate)
+    elif req.text_input is not None:
+        text = utf8(req.text_input, "text_input")
+        if not text.strip():
+            raise RequestError("text_input is empty: send a prompt")
+        fitted = fit_prompt(tok.encode(text), req.max_tokens, context_size, req.truncate)
+    else:
+        raise RequestError("no prompt: send text_input (or messages for chat)")
+    sampling = check_sampling(req.top_k, req.top_p, req.temperature, req.random_seed)
+    stop = [utf8(w, "stop_words") for w in req.stop_words if w]
+    bad = [utf8(w, "bad_words") for w in req.bad_words if w]
+    for name, value in (("end_id", req.end_id), ("pad_id", req.pad_id)):
+        if value is not None and not 0 <= value < tok.tokenizer.get_vocab_size(with_added_tokens=True):
+            raise RequestError(f"{name} {value} is not a token id of this model")
+
+    def one(value, dtype):
+        return np.array([value], dtype=dtype)
+
+    return {
+        "INPUT_ID": np.array(fitted.ids, dtype=np.int32),
+        "REQUEST_INPUT_LEN": one(len(fitted.ids), np.int32),
+        "REQUEST_OUTPUT_LEN": one(fitted.max_tokens, np.int32),
+        "OUT_END_ID": one(req.end_id if req.end_id is not None else tok.eos_token_id, np.int32),
+        "OUT_PAD_ID": one(req.pad_id if req.pad_id is not None else tok.pad_token_id, np.int32),
+        "STOP_WORDS_IDS": words_to_list(tok, stop),
+        "BAD_WORDS_IDS": words_to_list(tok, bad),
+        "OUT_TOP_K": one(sampling.top_k, np.int32),
+        "OUT_TOP_P": one(sampling.top_p, np.float32),
+        "OUT_TEMPERATURE": one(sampling.temperature, np.float32),
+        "OUT_RANDOM_SEED": one(sampling.seed, np.uint64),
+        "OUT_STREAMING": one(bool(req.stream), np.bool_),
+        "STREAM_ID": one(secrets.randbits(63), np.uint64),
+        "PROMPT_TOKENS": one(len(fitted.ids), np.int32),
+        "NOTICE": np.array([fitted.notice.encode()], dtype=object),
+    }
