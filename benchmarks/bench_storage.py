@@ -14,6 +14,7 @@ asserts timings.
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import shutil
@@ -25,8 +26,19 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
-from conftest import free_port, start_s3_server  # noqa: E402
+
+
+def _test_helpers():
+    """tests/conftest.py under its own name (`conftest` here is benchmarks/conftest.py)."""
+    name = "storage_test_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+free_port, start_s3_server = _test_helpers().free_port, _test_helpers().start_s3_server
 
 MiB = 1 << 20
 ROUNDS = 3

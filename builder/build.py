@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -90,8 +91,14 @@ def check_output(output: Path) -> None:
     parent = output.resolve().parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
-        raise InvalidArgumentError(f"cannot write to {output}: choose another --output or fix its permissions")
+    if not parent.is_dir():
+        raise InvalidArgumentError(f"cannot write to {output}: {parent} is a file; choose another --output")
+    try:  # a real probe: permission bits say nothing for root, or on read-only mounts
+        probe = tempfile.NamedTemporaryFile(dir=output if output.is_dir() else parent, prefix=".write-probe")
+        probe.close()
+    except OSError as e:
+        raise InvalidArgumentError(f"cannot write to {output} ({e.strerror}): choose another --output "
+                                   "or fix its permissions") from None
 
 
 def _staging(output: Path) -> Path:

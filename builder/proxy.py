@@ -395,6 +395,8 @@ class Proxy:
     layout: ProxyLayout
     rules: AccessRules = field(default_factory=AccessRules)
     process: subprocess.Popen | None = None
+    log_offset: int = field(default=0, repr=False)  # error.log size when this start began
+    prepared: bool = field(default=False, repr=False)
 
     def prepare(self) -> None:
         """Write state and a validated config; fails before Triton is started if nginx would."""
@@ -408,11 +410,16 @@ class Proxy:
             self.state.write_layout(self.layout)
             self.state.write_rules(self.rules)
             install_config(self.state, render_config(self.state, self.layout, self.rules))
+        self.prepared = True
 
     def start(self, timeout: float = 15.0) -> "Proxy":
         """Start nginx on the prepared config; return once both public ports accept connections."""
-        if not self.state.conf.exists():
+        if not self.prepared:
             self.prepare()
+        for address in self.layout.public_addresses:
+            for port in (self.layout.http_port, self.layout.grpc_port):
+                _check_free(address, port)
+        self.log_offset = _log_size(self.state)
         out = open(self.state.logs / "nginx.out", "ab")
         self.process = subprocess.Popen(_nginx_args(self.state, self.state.conf), stdout=out,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -436,9 +443,9 @@ class Proxy:
         raise ProxyError(f"nginx did not listen on ports {ports} within {timeout:.0f} s: see {self.state.error_log}")
 
     def _error_hint(self) -> str:
-        text = self.state.error_log.read_text(errors="replace") if self.state.error_log.exists() else ""
-        lines = [ln for ln in text.splitlines() if "[emerg]" in ln]
-        return lines[-1] if lines else f"see {self.state.error_log}"
+        """nginx's first complaint of this start, without its timestamp and pid prefix."""
+        emerg = _new_emerg(self.state, self.log_offset)
+        return emerg.split("[emerg] ", 1)[1].split(": ", 1)[-1] if emerg else f"see {self.state.error_log}"
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -462,6 +469,17 @@ class Proxy:
             pass
         proc.wait()
         self.state.pid_file.unlink(missing_ok=True)
+
+
+def _check_free(address: str, port: int) -> None:
+    """Fail at once with the fix (nginx itself retries a busy port for 2.5 s, then says less)."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as nginx does
+        try:
+            s.bind((address, port))
+        except OSError as e:
+            raise ProxyError(f"cannot listen on {address} port {port} ({e.strerror}): "
+                             "choose other --http-port/--grpc-port or --public-address") from None
 
 
 def _probe_host(address: str) -> str:

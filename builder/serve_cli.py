@@ -115,7 +115,8 @@ def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, 
     _check_loopback(address)
     internal = Ports(free_port(address), free_port(address))
     state = StateDir(Path(state_dir) if state_dir else default_state_dir(http_port))
-    layout = ProxyLayout(http_port, grpc_port, f"{address}:{internal.http}", f"{address}:{internal.grpc}",
+    host = f"[{address}]" if ":" in address else address
+    layout = ProxyLayout(http_port, grpc_port, f"{host}:{internal.http}", f"{host}:{internal.grpc}",
                          tuple(public_addresses))
     rules = access_rules(state, deployment, allowed_ips, trusted_proxies)
     return internal, Proxy(state, layout, rules)

@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,11 +131,20 @@ def safe_relpath(path: Any, *, source: str = "the index") -> str:
     return path
 
 
-def target_path(root: Path, rel: str, *, source: str = "the index") -> Path:
-    """root/rel, after checking rel is safe and that no symlink leads it out of root."""
+def target_path(root: Path, rel: str, *, source: str = "the index", checked: set[str] | None = None) -> Path:
+    """root/rel, after checking rel is safe and that no symlinked folder leads it out of root.
+
+    `checked` remembers folders already resolved, so a repository of many files costs one
+    realpath per folder rather than per file.
+    """
     path = Path(root) / safe_relpath(rel, source=source)
-    if not path.resolve().is_relative_to(Path(root).resolve()):
-        raise StorageError(f"refusing path {rel!r} from {source}: it leads outside {root}")
+    folder = str(path.parent)
+    if checked is None or folder not in checked:
+        real_root, real = os.path.realpath(root), os.path.realpath(folder)
+        if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+            raise StorageError(f"refusing path {rel!r} from {source}: it leads outside {root}")
+        if checked is not None:
+            checked.add(folder)
     return path
 
 
@@ -472,33 +481,28 @@ class PushReport:
         return line + f", in {self.seconds:.1f} s ({self.mb_per_s:.0f} MiB/s)"
 
 
-def _remote_etags_for_skip(client, loc: S3Location, local: RepositoryIndex, listing: dict,
-                           previous: RepositoryIndex | None, pool: ThreadPoolExecutor) -> dict[str, str]:
-    """{path: etag} of local files the store already holds with the same sha256.
+@dataclass(frozen=True)
+class _PushState:
+    """What the store holds before a push: object sizes and ETags, and the index it last got."""
 
-    Trusted: the previous index's sha256 when the object's size and ETag are still the ones it
-    recorded. Otherwise (an interrupted push uploaded it, but wrote no index) the sha256 we store in
-    the object's metadata, read with one HEAD per such object.
-    """
-    same, to_head = {}, []
-    for rel, entry in local.files.items():
-        remote = listing.get(loc.key(rel))
+    listing: dict[str, tuple[int, str]]
+    previous: RepositoryIndex | None
+
+    def etag_if_same(self, client, loc: S3Location, entry: FileEntry) -> str | None:
+        """The object's ETag if it already holds exactly `entry`, else None.
+
+        Trusted: the previous index's sha256 while the object keeps the size and ETag it recorded.
+        Otherwise (an interrupted push uploaded it but wrote no index) the sha256 that push stored
+        in the object's metadata, read with one HEAD.
+        """
+        remote = self.listing.get(loc.key(entry.path))
         if remote is None or remote[0] != entry.size:
-            continue
-        old = previous.files.get(rel) if previous else None
+            return None
+        old = self.previous.files.get(entry.path) if self.previous else None
         if old and old.sha256 == entry.sha256 and old.etag and old.etag == remote[1]:
-            same[rel] = remote[1]
-        else:
-            to_head.append(rel)
-
-    def head(rel: str) -> tuple[str, str | None]:
-        meta = client.head_object(Bucket=loc.bucket, Key=loc.key(rel))
-        return rel, meta["ETag"] if meta.get("Metadata", {}).get("sha256") == local.files[rel].sha256 else None
-
-    for rel, etag in pool.map(head, to_head):
-        if etag:
-            same[rel] = etag
-    return same
+            return remote[1]
+        meta = client.head_object(Bucket=loc.bucket, Key=loc.key(entry.path))
+        return meta.get("ETag") if meta.get("Metadata", {}).get("sha256") == entry.sha256 else None
 
 
 def _previous_index(client, loc: S3Location) -> RepositoryIndex | None:
@@ -512,19 +516,40 @@ def _previous_index(client, loc: S3Location) -> RepositoryIndex | None:
         return None
 
 
-def _upload_all(client, loc: S3Location, root: Path, entries: list[FileEntry], settings: TransferSettings,
-                bar: _Bar) -> None:
+def _upload_changed(client, loc: S3Location, root: Path, files: list[str], state: _PushState,
+                    settings: TransferSettings, bar: "_Bar") -> tuple[list[FileEntry], dict[str, str]]:
+    """Hash every file, and upload each one the store lacks as soon as its hash is known.
+
+    Returns (every file's entry, {path: ETag} of those already in the store). Hashing runs on its
+    own threads, so it overlaps the uploads instead of delaying them.
+    """
+
+    def decide(rel: str) -> tuple[FileEntry, str | None]:
+        path = root / rel
+        entry = FileEntry(rel, path.stat().st_size, sha256_file(path))
+        return entry, state.etag_if_same(client, loc, entry)
+
+    entries, same, uploads = [], {}, []
     manager = _transfer_manager(client, settings)
     try:
-        futures = [manager.upload(str(root / e.path), loc.bucket, loc.key(e.path),
-                                  extra_args={"Metadata": {"sha256": e.sha256}}, subscribers=[bar.subscriber()])
-                   for e in entries]
-        for f in futures:
+        with ThreadPoolExecutor(settings.hash_workers) as hashers:
+            for done in as_completed([hashers.submit(decide, rel) for rel in files]):
+                entry, etag = done.result()
+                entries.append(entry)
+                if etag is not None:
+                    same[entry.path] = etag
+                    bar(entry.size)
+                    continue
+                uploads.append(manager.upload(str(root / entry.path), loc.bucket, loc.key(entry.path),
+                                              extra_args={"Metadata": {"sha256": entry.sha256}},
+                                              subscribers=[bar.subscriber()]))
+        for f in uploads:
             f.result()
     except BaseException:
         manager.shutdown(cancel=True)
         raise
     manager.shutdown()
+    return entries, same
 
 
 def _delete_stale(client, loc: S3Location, listing: dict, keep: set[str]) -> int:
@@ -544,28 +569,31 @@ def push(local_dir: Path, url: str, *, endpoint_url: str | None = None, quiet: b
     """
     settings = settings or TransferSettings()
     loc, root, start = parse_url(url), Path(local_dir), time.monotonic()
-    local = scan_local(root, workers=settings.hash_workers)
+    if not root.is_dir():
+        raise InvalidArgumentError(f"{root} is not a directory: pass the model repository to push")
+    files, dirs = _walk(root)
+    check_layout(files, dirs, source=str(root))
     client = make_client(endpoint_url, settings)
     report = PushReport(str(loc))
-    with _translated("pushing to", loc, client), ThreadPoolExecutor(settings.concurrency) as pool:
-        listing = _list(client, loc)
-        same = _remote_etags_for_skip(client, loc, local, listing, _previous_index(client, loc), pool)
-        todo = [e for rel, e in local.files.items() if rel not in same]
-        bar = _Bar(sum(e.size for e in todo), f"push {loc}", quiet, progress)
+    with _translated("pushing to", loc, client):
+        state = _PushState(_list(client, loc), _previous_index(client, loc))
+        bar = _Bar(sum((root / rel).stat().st_size for rel in files), f"push {loc}", quiet, progress)
         try:
-            _upload_all(client, loc, root, todo, settings, bar)
+            entries, same = _upload_changed(client, loc, root, files, state, settings, bar)
         finally:
             bar.close()
         etags = {**{k: v[1] for k, v in _list(client, loc).items()}, **{loc.key(r): t for r, t in same.items()}}
-        local.files = {rel: FileEntry(rel, e.size, e.sha256, etags.get(loc.key(rel))) for rel, e in local.files.items()}
-        local.pushed_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        client.put_object(Bucket=loc.bucket, Key=loc.index_key, Body=local.to_json(), ContentType="application/json")
+        index = RepositoryIndex({e.path: FileEntry(e.path, e.size, e.sha256, etags.get(loc.key(e.path)))
+                                 for e in entries}, dirs,
+                                pushed_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        client.put_object(Bucket=loc.bucket, Key=loc.index_key, Body=index.to_json(), ContentType="application/json")
         if delete:
-            report.objects_deleted = _delete_stale(client, loc, listing, {loc.key(r) for r in local.files} | {loc.index_key})
-    report.files_uploaded, report.bytes_uploaded = len(todo), sum(e.size for e in todo)
-    report.files_skipped = len(same)
-    report.bytes_skipped = sum(local.files[r].size for r in same)
-    report.uploaded = sorted(e.path for e in todo)
+            keep = {loc.key(r) for r in index.files} | {loc.index_key}
+            report.objects_deleted = _delete_stale(client, loc, state.listing, keep)
+    uploaded = [e for e in entries if e.path not in same]
+    report.files_uploaded, report.bytes_uploaded = len(uploaded), sum(e.size for e in uploaded)
+    report.files_skipped, report.bytes_skipped = len(same), sum(e.size for e in entries if e.path in same)
+    report.uploaded = sorted(e.path for e in uploaded)
     report.seconds = time.monotonic() - start
     return report
 
@@ -638,13 +666,13 @@ def _has_file(path: Path, size: int) -> bool:
         return False
 
 
-def _plan(index: RepositoryIndex, area: _LocalArea, pool: ThreadPoolExecutor) -> tuple[dict, dict, list]:
+def _plan(index: RepositoryIndex, current: RepositoryIndex | None, area: _LocalArea,
+          pool: ThreadPoolExecutor) -> tuple[dict, dict, list]:
     """Split the index into files reusable from the current version, verified in staging, to download.
 
     Current files are trusted by the local index a previous pull wrote (and their size); a directory
     we never pulled into has each candidate hashed instead.
     """
-    current = read_local_index(area.target)
     reuse, resumed, candidates = {}, {}, []
     for rel, e in index.files.items():
         here = area.target / rel
@@ -671,17 +699,18 @@ class _Mismatch(Exception):
         self.rel = rel
 
 
-class _SizeAndVerify:
-    """s3transfer subscriber: give the known size (saves a HEAD per object), verify when it lands."""
+class _DownloadSubscriber:
+    """One s3transfer subscriber per object: give its known size (saves a HEAD), report progress,
+    and queue its verification as soon as it lands."""
 
-    def __init__(self, entry: FileEntry, verify: Callable[[FileEntry], Any], checks: list):
-        self.entry, self.verify, self.checks = entry, verify, checks
+    def __init__(self, entry: FileEntry, bar: "_Bar", verify: Callable[[FileEntry], Any], checks: list):
+        self.entry, self.bar, self.verify, self.checks = entry, bar, verify, checks
 
     def on_queued(self, future, **kwargs):
         future.meta.provide_transfer_size(self.entry.size)
 
     def on_progress(self, future, bytes_transferred, **kwargs):
-        pass
+        self.bar(bytes_transferred)
 
     def on_done(self, future, **kwargs):
         try:
@@ -702,13 +731,14 @@ def _download_all(client, loc: S3Location, area: _LocalArea, entries: list[FileE
             raise _Mismatch(e.path)
 
     checks: list = []
+    checked: set[str] = set()
     manager = _transfer_manager(client, settings)
     try:
         futures = []
         for e in entries:
-            dest = target_path(area.staging, e.path)
+            dest = target_path(area.staging, e.path, checked=checked)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            subs = [_SizeAndVerify(e, lambda x: pool.submit(verify, x), checks), bar.subscriber()]
+            subs = [_DownloadSubscriber(e, bar, lambda x: pool.submit(verify, x), checks)]
             futures.append((e, manager.download(loc.bucket, loc.key(e.path), str(dest), subscribers=subs)))
         for e, f in futures:
             _file_result(e, f, loc)
@@ -749,10 +779,11 @@ def _assemble(index: RepositoryIndex, raw_index: bytes, area: _LocalArea, source
     """Build the new version in `next`: hard links (copies across devices), folders, then the index."""
     _remove(area.next)
     area.next.mkdir(parents=True)
+    checked: set[str] = set()
     for d in index.dirs:
-        target_path(area.next, d).mkdir(parents=True, exist_ok=True)
+        target_path(area.next, d, checked=checked).mkdir(parents=True, exist_ok=True)
     for rel, src in sources.items():
-        dst = target_path(area.next, rel)
+        dst = target_path(area.next, rel, checked=checked)
         dst.parent.mkdir(parents=True, exist_ok=True)
         _link_or_copy(src, dst)
     (area.next / INDEX_NAME).write_bytes(raw_index)
@@ -802,11 +833,12 @@ def _swap_in(area: _LocalArea, was_ours: bool) -> None:
         os.rename(area.next, area.target)
         return
     exchange(area.next, area.target)
-    if was_ours:
-        _remove(area.previous)
-        os.rename(area.next, area.previous)
-    else:  # a directory we never pulled into: keep it whole, it may be someone's only copy
-        os.rename(area.next, area.root / f"original-{time.strftime('%Y%m%d-%H%M%S')}")
+    with contextlib.suppress(OSError):  # the swap is done; tidying up may fail without harm
+        if was_ours:
+            _remove(area.previous)
+            os.rename(area.next, area.previous)
+        else:  # a directory we never pulled into: keep it whole, it may be someone's only copy
+            os.rename(area.next, area.root / f"original-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _changed_during_pull(client, loc: S3Location, etag: str) -> bool:
@@ -814,6 +846,11 @@ def _changed_during_pull(client, loc: S3Location, etag: str) -> bool:
         return client.head_object(Bucket=loc.bucket, Key=loc.index_key).get("ETag") != etag
     except Exception:
         return False
+
+
+def _up_to_date(index: RepositoryIndex, current: RepositoryIndex | None, reuse: dict, area: _LocalArea) -> bool:
+    return (current is not None and current.content() == index.content() and len(reuse) == len(index.files)
+            and all((area.target / d).is_dir() for d in index.dirs))
 
 
 def pull(url: str, local_dir: Path, *, endpoint_url: str | None = None, quiet: bool = False,
@@ -837,11 +874,10 @@ def pull(url: str, local_dir: Path, *, endpoint_url: str | None = None, quiet: b
         raw, index_etag = found
         index = RepositoryIndex.from_json(raw, source=f"{loc}/{INDEX_NAME}")
         report.index = index
-        current = read_local_index(area.target)
         with _locked(area), ThreadPoolExecutor(settings.hash_workers) as pool:
-            reuse, resumed, todo = _plan(index, area, pool)
-            if current is not None and current.content() == index.content() and len(reuse) == len(index.files) \
-                    and all((area.target / d).is_dir() for d in index.dirs):
+            current = read_local_index(area.target)
+            reuse, resumed, todo = _plan(index, current, area, pool)
+            if _up_to_date(index, current, reuse, area):
                 shutil.rmtree(area.staging, ignore_errors=True)
                 report.seconds = time.monotonic() - start
                 return report

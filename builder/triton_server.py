@@ -133,6 +133,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(), env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=Path(self.repository).resolve(),  # tensorrtllm resolves relative engine paths from here
         )
         return self
 

@@ -142,3 +142,70 @@ def s3_env(s3_server, monkeypatch) -> S3Server:
     for k in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(k, raising=False)
     return s3_server
+
+
+# -- LLM deployments: one build and one Triton for the whole session ----------------------------
+LLM_NAME = "smollm2-135m-instruct"
+TINY_NAME = "tiny-llama"
+LLM_CONTEXT = 2048
+LLM_PRECISIONS = ["fp32", "fp16", "int8", "fp8"]
+
+
+@pytest.fixture(scope="session")
+def build_cache(tmp_path_factory) -> Path:
+    """Converted checkpoints and fp32 exports, shared by every build of the session."""
+    return tmp_path_factory.mktemp("build-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(build_cache):
+    """The embedded default model, converted from its GGUF into a Hugging Face directory."""
+    from builder.sources.checkpoint import resolve
+
+    return resolve("default", "llm", build_cache)
+
+
+def make_tiny_llama(target: Path, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama with SmolLM2's tokenizer: exactness on a second checkpoint, in seconds."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).eval().save_pretrained(target, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(Path(tokenizer_dir) / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, smollm2) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2.hf_dir)
+
+
+@pytest.fixture(scope="session")
+def llm_repository(tmp_path_factory, build_cache, tiny_llama) -> Path:
+    from builder.build import BuildOptions, build
+    from builder.deployment import DeploymentSpec
+
+    out = tmp_path_factory.mktemp("llm") / "repository"
+    specs = [DeploymentSpec(LLM_NAME, precisions=LLM_PRECISIONS, context_size=LLM_CONTEXT, max_batch_size=4),
+             DeploymentSpec(TINY_NAME, source=str(tiny_llama), precisions=["fp32"], context_size=256,
+                            max_batch_size=2)]
+    build(specs, BuildOptions(output=out, cache_dir=build_cache, echo=lambda _: None))
+    return out
+
+
+@pytest.fixture(scope="session")
+def llm_server(llm_repository, cache_dir, tmp_path_factory):
+    from builder.triton_server import Ports, TritonServer
+
+    http, grpc, metrics = free_ports(3)
+    log = tmp_path_factory.mktemp("triton-llm") / "triton.log"
+    with TritonServer(llm_repository, Ports(http, grpc, metrics), cache_dir=cache_dir, log_path=log) as server:
+        yield server

@@ -86,6 +86,13 @@ def test_rules_guard_both_servers_and_realip_trusts_only_proxies(tmp_path):
     assert str(tmp_path) in conf and "/var/log/nginx" not in conf and "/run/" not in conf
 
 
+def test_workers_drop_to_nobody_only_when_the_master_is_root(tmp_path, monkeypatch):
+    monkeypatch.setattr("os.geteuid", lambda: 0)
+    assert "\nuser nobody " in _render(tmp_path, AccessRules())
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    assert "\nuser " not in _render(tmp_path, AccessRules())
+
+
 def test_template_fails_on_a_missing_value():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined)
     with pytest.raises(jinja2.UndefinedError):

@@ -89,8 +89,10 @@ def derive(reference: Path, precision: str, out_dir: Path) -> Path:
         return out_dir
     import nncf
 
-    mode = {"int8": nncf.CompressWeightsMode.INT8_ASYM, "fp8": nncf.CompressWeightsMode.FP8_E4M3}[precision]
-    model = nncf.compress_weights(model, mode=mode)
+    if precision == "int8":
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:  # fp8 per output channel: nncf's default groups of 128 fail on layers narrower than that
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.FP8_E4M3, group_size=-1, ratio=1.0)
     ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
     return out_dir
 

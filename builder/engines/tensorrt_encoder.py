@@ -15,6 +15,7 @@ Per precision:
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -250,6 +251,7 @@ def build(spec: DeploymentSpec, precision: str, hf_dir: Path, engine_dir: Path, 
     return {
         "target": TARGET, "format": ENGINE_FORMAT, "version": trt, "tensorrt_version": trt,
         "gpu_arch": {"compute_capability": gpu.cc, "sm": gpu.sm, "name": gpu.name, "family": gpu.family},
+        "build_image": os.environ.get("SERVERLESS_TRITON_GPU_IMAGE"),
         "quantization": {"precision": precision,
                          "mode": "modelopt-onnx-ptq" if precision in ("int8", "fp8") else "fp16"},
         "context_size": io.max_length, "max_batch_size": spec.max_batch_size,

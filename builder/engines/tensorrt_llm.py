@@ -17,6 +17,7 @@ own argparse definitions and signatures without a GPU. `build()` runs them on a 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -145,8 +146,9 @@ def check_precision_supported(precision: str, gpu: GpuInfo) -> None:
     need_text = f"{need[0]}.{need[1]}"
     works = supported_precisions(gpu)
     if not works:
+        low = min(PRECISIONS[p].min_compute_capability for p in GPU_PRECISIONS)
         raise BuildError(
-            f"TensorRT-LLM {TRTLLM_SERIES} needs compute capability {need_text} (Ampere) or newer; "
+            f"TensorRT-LLM {TRTLLM_SERIES} needs compute capability {low[0]}.{low[1]} (Ampere) or newer; "
             f"this GPU is {gpu.describe()}: build with --engine cpu instead")
     why = f" ({_FP8_FAMILIES})" if precision == "fp8" else ""
     raise BuildError(
@@ -205,11 +207,6 @@ class EngineShape:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel * self.pipeline_parallel
-
-    @property
-    def chunked_context(self) -> bool:
-        """A prompt longer than max_num_tokens needs the backend's chunked context."""
-        return self.max_num_tokens < self.max_input_len
 
 
 def engine_shape(spec: DeploymentSpec, hf_config: dict) -> EngineShape:
@@ -576,6 +573,7 @@ def engine_entry(spec: DeploymentSpec, precision: str, shape: EngineShape, gpu: 
         "tensorrt_llm_version": trtllm,
         "tensorrt_version": trt,
         "gpu_arch": {"compute_capability": gpu.cc, "sm": gpu.sm, "name": gpu.name, "family": gpu.family},
+        "build_image": os.environ.get("SERVERLESS_TRITON_GPU_IMAGE"),   # set by docker/Dockerfile.gpu
         "quantization": {"precision": precision, "dtype": q.dtype, "quant_algo": q.quant_algo,
                          "kv_cache_quant_algo": q.kv_cache_quant_algo, "calibration": calib},
         "context_size": shape.max_seq_len,

@@ -41,7 +41,11 @@ class TritonPythonModel:
                                   io.scalar(r, "random_seed", int))
         sender = r.get_response_sender()
 
+        key = r.request_id()
+
         def on_tokens(new_ids, final, reason):
+            if reason == "cancelled":
+                pb_utils.Logger.log_info(f"engine: request {key or '(no id)'} cancelled by the client")
             if reason == "error":
                 sender.send(io.error_response("the engine failed on this request; retry it"), flags=FINAL)
                 return
@@ -64,7 +68,7 @@ class TritonPythonModel:
             stop_sequences=list_to_words(stops) if stops is not None else [],
             streaming=bool(io.scalar(r, "streaming", bool)),
             is_cancelled=lambda: io.is_cancelled(r),
-            key=r.request_id(),
+            key=key,
         )
 
     def execute(self, requests):

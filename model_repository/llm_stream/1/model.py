@@ -73,6 +73,7 @@ class TritonPythonModel:
             if response.has_error():
                 raise RequestError(response.error().message())
             if io.is_cancelled(r):
+                pb_utils.Logger.log_info(f"stream: {key} cancelled by the client; stopping its engine request")
                 self._stop_engine(key)
                 return
             tensors = response.output_tensors()

@@ -1,0 +1,95 @@
+"""Decode throughput of the default model through Triton (int8 CPU engine, in-flight batching)
+at 1 and 8 concurrent clients, against transformers' generate (fp32, batch 1) in the same run.
+
+Goals (issue 9): 8 clients >= 4x the 1-client throughput; 1 client >= 3x transformers fp32.
+Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_llm.py --benchmark-only -s)
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from llm_client import http_infer
+
+NEW_TOKENS = 128
+PROMPTS = [f"<|im_start|>user\nWrite a long, detailed story about {topic}.<|im_end|>\n<|im_start|>assistant\n"
+           for topic in ("a lighthouse keeper", "a dragon who loves tea", "a lost robot", "the first city on Mars",
+                         "a jazz musician", "a cat detective", "an old oak tree", "a time-travelling baker")]
+RESULTS: dict[str, float] = {}
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from builder.build import BuildOptions, build
+    from builder.deployment import DeploymentSpec
+    from builder.triton_server import Ports, TritonServer
+
+    root = tmp_path_factory.mktemp("bench-llm")
+    cache = Path.home() / ".cache" / "serverless-triton"
+    build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=1024, max_batch_size=8)],
+          BuildOptions(output=root / "repo", cache_dir=cache, echo=lambda _: None))
+    with TritonServer(root / "repo", Ports(_port(), _port(), _port()), log_path=root / "triton.log") as s:
+        http_infer(s.http_url, "smollm2-135m-instruct-int8", text_input=PROMPTS[0], max_tokens=8)  # warm up
+        yield s
+
+
+def _clients(server, n: int) -> float:
+    """Tokens per second generated for n concurrent clients, one request each."""
+    def one(prompt):
+        return http_infer(server.http_url, "smollm2-135m-instruct-int8", text_input=prompt,
+                          max_tokens=NEW_TOKENS)["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as pool:
+        tokens = sum(pool.map(one, PROMPTS[:n]))
+    return tokens / (time.perf_counter() - t0)
+
+
+def test_transformers_fp32_batch1(benchmark):
+    import torch
+    from transformers import AutoModelForCausalLM
+    from tokenizers import Tokenizer
+
+    from builder.sources.checkpoint import resolve
+
+    ckpt = resolve("default", "llm", Path.home() / ".cache" / "serverless-triton")
+    model = AutoModelForCausalLM.from_pretrained(ckpt.hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json")).encode(PROMPTS[0]).ids])
+
+    def run():
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                                 attention_mask=torch.ones_like(ids), pad_token_id=2)
+            return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
+
+    RESULTS["transformers_fp32_1"] = benchmark.pedantic(run, rounds=2, iterations=1)
+    benchmark.extra_info["tokens_per_s"] = RESULTS["transformers_fp32_1"]
+
+
+@pytest.mark.parametrize("clients", [1, 8])
+def test_triton_int8(benchmark, server, clients):
+    RESULTS[f"triton_int8_{clients}"] = benchmark.pedantic(_clients, args=(server, clients), rounds=2, iterations=1)
+    benchmark.extra_info["tokens_per_s"] = RESULTS[f"triton_int8_{clients}"]
+
+
+def test_report():
+    """Print the ratios the goals are stated in, and keep them beside the benchmark."""
+    r = RESULTS
+    report = {**{k: round(v, 1) for k, v in r.items()},
+              "batching_gain_8_vs_1": round(r["triton_int8_8"] / r["triton_int8_1"], 2),
+              "speedup_1_client_vs_transformers_fp32": round(r["triton_int8_1"] / r["transformers_fp32_1"], 2)}
+    print("\n" + json.dumps(report, indent=2))
+    (Path(__file__).parent / "results").mkdir(exist_ok=True)
+    (Path(__file__).parent / "results" / "llm.json").write_text(json.dumps(report, indent=2) + "\n")
