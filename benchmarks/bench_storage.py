@@ -5,7 +5,8 @@ and one ~300 MB repository shaped like a real one: three engine-sized files, a d
 shards, and a few hundred small files (configs, tokenizer parts, Python). Both tools run as
 subprocesses (each pays its interpreter start), with the same 10 transfers in flight and 8 MiB
 parts. Every round pushes to a fresh prefix / pulls into an empty directory, so nothing is skipped;
-one extra pair times a no-op re-push of an unchanged repository.
+one extra pair times a no-op re-push of an unchanged repository. Both tools warm up once first, and
+each round's objects are deleted afterwards (untimed), so no round pays for the ones before it.
 Goal: ours at least as fast as aws s3 sync, while also hashing and verifying every file. Nothing
 asserts timings.
 
@@ -51,8 +52,8 @@ _counter = itertools.count()
 def make_repository(root: Path) -> int:
     """~300 MB: 3 large + 12 medium + 300 small files; returns the total size in bytes."""
     rng = np.random.default_rng(0)
-    sizes = {f"llm-int8/1/rank0.engine": 120 * MiB, f"llm-fp16/1/rank0.engine": 100 * MiB,
-             f"embed/1/model.bin": 30 * MiB}
+    sizes = {"llm-int8/1/rank0.engine": 120 * MiB, "llm-fp16/1/rank0.engine": 100 * MiB,
+             "embed/1/model.bin": 30 * MiB}
     sizes |= {f"llm-fp16/1/shards/part-{i:02d}.bin": 4 * MiB for i in range(12)}
     sizes |= {f"tokenizer-{i % 6}/1/files/f{i:03d}.json": int(rng.integers(1_000, 64_000)) for i in range(300)}
     for rel, size in sizes.items():
@@ -84,57 +85,94 @@ def env(store) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def pulled_prefix(store, repository, env) -> str:
+def warm_store(store, repository, env, tmp_path_factory):
+    """Each tool pushes and pulls once untimed, so neither pays for a cold store or cold caches."""
+    warm = tmp_path_factory.mktemp("warm-up")
+    for tool in ("ours", "aws"):
+        url = _fresh_prefix()
+        _run(_push_cmd(tool, repository[0], url), env)
+        _run(_pull_cmd(tool, url, warm / tool), env)
+        _clear(store, url)
+    shutil.rmtree(warm)
+    return store
+
+
+@pytest.fixture(scope="module")
+def pulled_prefix(warm_store, repository, env) -> str:
     """One push by our tool that every pull round reads (both tools pull the same objects)."""
     url = f"s3://{BUCKET}/source"
-    _run(OURS + ["push", str(repository[0]), url, "-q"], env)
+    _run(_push_cmd("ours", repository[0], url), env)
     return url
 
 
 @pytest.fixture(scope="module")
 def figures(request):
-    results: dict[str, float] = {}
+    results: dict[str, tuple[float, float]] = {}
     yield results
-    write = request.config.pluginmanager.get_plugin("terminalreporter").write_line
-    write("")
-    write("storage throughput (MB/s = MiB per second of mean wall time, subprocess included):")
-    for op in ("push", "pull", "re-push unchanged"):
-        ours, aws = results.get(f"{op} ours"), results.get(f"{op} aws")
-        if ours and aws:
-            if op == "re-push unchanged":
-                write(f"  {op:<18} ours {ours:6.2f} s   aws s3 sync {aws:6.2f} s")
-            else:
-                write(f"  {op:<18} ours {ours:6.0f} MB/s   aws s3 sync {aws:6.0f} MB/s   ratio {ours / aws:4.2f}")
+    plugins = request.config.pluginmanager
+    write = plugins.get_plugin("terminalreporter").write_line
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        write("")
+        write("storage: best round (mean), subprocess start included:")
+        for op in ("push", "pull", "re-push unchanged"):
+            ours, aws = results.get(f"{op} ours"), results.get(f"{op} aws")
+            if ours and aws:
+                unit = "s" if op == "re-push unchanged" else "MiB/s"
+                write(f"  {op:<18} ours {ours[0]:6.1f} ({ours[1]:6.1f}) {unit}   "
+                      f"aws s3 sync {aws[0]:6.1f} ({aws[1]:6.1f}) {unit}")
+
+
+def _throughput(benchmark, figures: dict, name: str, total: int) -> None:
+    """MiB/s of the best round (other jobs on a shared host only ever slow a round down) and the mean."""
+    stats = benchmark.stats.stats
+    figures[name] = (total / MiB / stats.min, total / MiB / stats.mean)
+    benchmark.extra_info["MiB/s best"] = round(figures[name][0], 1)
+    benchmark.extra_info["MiB/s mean"] = round(figures[name][1], 1)
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _ours_push(src: Path, url: str) -> list[str]:
-    return OURS + ["push", str(src), url, "-q"]
-
-
 def _aws_sync(src: str, dst: str) -> list[str]:
     return [str(AWS), "s3", "sync", src, dst, "--only-show-errors", "--no-progress"]
+
+
+def _push_cmd(tool: str, src: Path, url: str) -> list[str]:
+    return OURS + ["push", str(src), url, "-q"] if tool == "ours" else _aws_sync(str(src), url)
+
+
+def _pull_cmd(tool: str, url: str, dst: Path) -> list[str]:
+    return OURS + ["pull", url, str(dst), "-q"] if tool == "ours" else _aws_sync(url, str(dst))
 
 
 def _fresh_prefix() -> str:
     return f"s3://{BUCKET}/round-{next(_counter)}"
 
 
+def _clear(store, url: str) -> None:
+    """Delete a round's objects (untimed), so the in-memory store does not grow round after round."""
+    client, prefix = store.client(), url.split("/", 3)[3] + "/"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            client.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+
+
 @pytest.mark.parametrize("tool", ["ours", "aws"])
-def test_push(benchmark, tool, repository, env, figures):
+def test_push(benchmark, tool, warm_store, repository, env, figures):
     src, total = repository
+    urls: list[str] = []
 
     def setup():
-        url = _fresh_prefix()
-        cmd = _ours_push(src, url) if tool == "ours" else _aws_sync(str(src), url)
-        return (cmd, env), {}
+        if urls:
+            _clear(warm_store, urls[-1])
+        urls.append(_fresh_prefix())
+        return (_push_cmd(tool, src, urls[-1]), env), {}
 
     benchmark.pedantic(_run, setup=setup, rounds=ROUNDS, iterations=1)
-    figures[f"push {tool}"] = total / MiB / benchmark.stats.stats.mean
-    benchmark.extra_info["MB/s"] = round(figures[f"push {tool}"], 1)
+    _clear(warm_store, urls[-1])
+    _throughput(benchmark, figures, f"push {tool}", total)
 
 
 @pytest.mark.parametrize("tool", ["ours", "aws"])
@@ -148,19 +186,18 @@ def test_pull(benchmark, tool, repository, pulled_prefix, env, figures, tmp_path
         if len(targets) > 1:  # keep the disk small: drop the previous round's copy
             shutil.rmtree(targets[-2], ignore_errors=True)
             shutil.rmtree(targets[-2].parent / f".{targets[-2].name}.sync", ignore_errors=True)
-        cmd = OURS + ["pull", pulled_prefix, str(dst), "-q"] if tool == "ours" else _aws_sync(pulled_prefix, str(dst))
-        return (cmd, env), {}
+        return (_pull_cmd(tool, pulled_prefix, dst), env), {}
 
     benchmark.pedantic(_run, setup=setup, rounds=ROUNDS, iterations=1)
-    figures[f"pull {tool}"] = total / MiB / benchmark.stats.stats.mean
-    benchmark.extra_info["MB/s"] = round(figures[f"pull {tool}"], 1)
+    _throughput(benchmark, figures, f"pull {tool}", total)
 
 
 @pytest.mark.parametrize("tool", ["ours", "aws"])
-def test_repush_unchanged(benchmark, tool, repository, env, figures):
+def test_repush_unchanged(benchmark, tool, store, repository, env, figures):
     src, _ = repository
     url = _fresh_prefix()
-    cmd = _ours_push(src, url) if tool == "ours" else _aws_sync(str(src), url)
+    cmd = _push_cmd(tool, src, url)
     _run(cmd, env)  # the first push; the timed ones find everything in place
     benchmark.pedantic(_run, args=(cmd, env), rounds=ROUNDS, iterations=1)
-    figures[f"re-push unchanged {tool}"] = benchmark.stats.stats.mean
+    _clear(store, url)
+    figures[f"re-push unchanged {tool}"] = (benchmark.stats.stats.min, benchmark.stats.stats.mean)

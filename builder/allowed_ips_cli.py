@@ -17,7 +17,8 @@ from builder.proxy import AccessRules, StateDir, apply_rules, default_state_dir
 
 def _state_options(f):
     f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="State directory of the serve to change [default: ~/.cache/serverless-triton/serve-HTTP_PORT]")(f)
+                     help="State directory of the serve to change "
+                          "[default: ~/.cache/serverless-triton/serve-HTTP_PORT]")(f)
     f = click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
                      help="Public HTTP port of the serve (picks the default state directory).")(f)
     return f

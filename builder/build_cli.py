@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from builder.build import BuildOptions, build
+from builder.cli_base import Command
 from builder.deployment import ENGINES, KINDS, POOLINGS, DeploymentSpec, load_deployment_file
 from builder.errors import InvalidArgumentError
 from builder.precisions import DEFAULT_PRECISIONS, PRECISIONS, parse_precisions
@@ -28,13 +29,7 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
     return [spec], None
 
 
-def _cli_command():
-    from builder.cli import Command
-
-    return Command
-
-
-@click.command(cls=_cli_command(), context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("source", required=False)
 @click.option("--name", help="Deployment name (users then call NAME:PRECISION). Default: the embedded model's.")
 @click.option("--kind", type=click.Choice(KINDS), default="llm", show_default=True)

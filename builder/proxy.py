@@ -51,7 +51,8 @@ def parse_entry(entry: str, what: str = "allowed IP") -> str:
     """
     text = entry.strip() if isinstance(entry, str) else ""
     if not text:
-        raise InvalidArgumentError(f"empty {what} entry: give an address (203.0.113.7) or a CIDR block (203.0.113.0/24)")
+        raise InvalidArgumentError(
+            f"empty {what} entry: give an address (203.0.113.7) or a CIDR block (203.0.113.0/24)")
     if "%" in text:
         raise InvalidArgumentError(f"{what} {entry!r} has an IPv6 zone id: drop the %{text.split('%', 1)[1]} part")
     try:
@@ -406,6 +407,9 @@ class Proxy:
             raise ProxyError(f"a proxy already runs from {self.state.path} (nginx pid {pid}): stop that serve "
                              "or pass another --state-dir / --http-port")
         self.state.pid_file.unlink(missing_ok=True)
+        for address in self.layout.public_addresses:
+            for port in (self.layout.http_port, self.layout.grpc_port):
+                _check_free(address, port)
         with self.state.locked():
             self.state.write_layout(self.layout)
             self.state.write_rules(self.rules)
@@ -416,9 +420,6 @@ class Proxy:
         """Start nginx on the prepared config; return once both public ports accept connections."""
         if not self.prepared:
             self.prepare()
-        for address in self.layout.public_addresses:
-            for port in (self.layout.http_port, self.layout.grpc_port):
-                _check_free(address, port)
         self.log_offset = _log_size(self.state)
         out = open(self.state.logs / "nginx.out", "ab")
         self.process = subprocess.Popen(_nginx_args(self.state, self.state.conf), stdout=out,

@@ -7,7 +7,7 @@ directory (S3 has no directories; Triton needs empty version folders such as `en
 
 Push uploads what differs and writes the index LAST; pull trusts nothing but the index: it downloads
 into a staging directory, verifies every sha256, assembles the new version next to the old one and
-swaps it in with one atomic rename, so Triton never sees half a repository and a failed pull leaves
+swaps it in with one atomic exchange, so Triton never sees half a repository and a failed pull leaves
 the previous one untouched. The local directory stays a real directory (not a symlink), because
 Triton is given a resolved path and must keep seeing new versions at that path.
 
@@ -29,7 +29,6 @@ import json
 import os
 import re
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -159,9 +158,9 @@ def check_layout(files: Iterable[str], dirs: Iterable[str] = (), *, source: str 
         file_set.add(rel)
     if INDEX_NAME in file_set:
         raise StorageError(f"{source} lists its own name {INDEX_NAME!r} as a file: re-push the repository")
-    folders = [(rel, rel.split("/")[:-1]) for rel in file_set]
-    folders += [(d, safe_relpath(d, source=source).split("/")) for d in dirs]
-    for rel, parts in folders:
+    folders = [rel.split("/")[:-1] for rel in file_set]
+    folders += [safe_relpath(d, source=source).split("/") for d in dirs]
+    for parts in folders:
         for i in range(1, len(parts) + 1):
             parent = "/".join(parts[:i])
             if parent in file_set:
@@ -269,13 +268,13 @@ def scan_local(root: Path, *, workers: int = 4) -> RepositoryIndex:
     """Index of a local repository, hashing files in parallel (hashlib releases the GIL)."""
     root = Path(root)
     if not root.is_dir():
-        raise InvalidArgumentError(f"{root} is not a directory: pass the model repository to push")
+        raise InvalidArgumentError(f"{root} is not a directory: pass a model repository")
     files, dirs = _walk(root)
     check_layout(files, dirs, source=str(root))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         digests = list(pool.map(lambda rel: sha256_file(root / rel), files))
-    return RepositoryIndex({rel: FileEntry(rel, (root / rel).stat().st_size, d) for rel, d in zip(files, digests)},
-                           dirs)
+    entries = {rel: FileEntry(rel, (root / rel).stat().st_size, d) for rel, d in zip(files, digests, strict=True)}
+    return RepositoryIndex(entries, dirs)
 
 
 def read_local_index(directory: Path) -> RepositoryIndex | None:
@@ -303,8 +302,10 @@ def make_client(endpoint_url: str | None, settings: TransferSettings):
     import boto3
     from botocore.config import Config
 
+    # Downloads skip botocore's CRC32 check: pull verifies every file's sha256, which is stronger.
+    # Uploads keep it, so the store never accepts bytes that changed in transit.
     config = Config(max_pool_connections=settings.concurrency + 4, connect_timeout=5, read_timeout=60,
-                    retries={"max_attempts": 3, "mode": "standard"})
+                    retries={"max_attempts": 3, "mode": "standard"}, response_checksum_validation="when_required")
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
@@ -349,7 +350,7 @@ def storage_error(exc: BaseException, *, doing: str, location: S3Location, endpo
 
     cause = _root_cause(exc) or exc
     if isinstance(cause, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"no usable credentials for {endpoint} while {doing}: set AWS_ACCESS_KEY_ID and "
+        return StorageError(f"no usable credentials for {endpoint} while {doing} {location}: set AWS_ACCESS_KEY_ID and "
                             "AWS_SECRET_ACCESS_KEY, or AWS_PROFILE, or run on a host with an instance role")
     if isinstance(cause, (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
                           ResponseStreamingError, ConnectionError, TimeoutError)):
@@ -427,8 +428,10 @@ class _Bar:
         from tqdm import tqdm
 
         self.callback = callback
-        self.bar = None if quiet or total == 0 else tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                                           dynamic_ncols=True, leave=False)
+        self.bar = None
+        if not quiet and total > 0:
+            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                            dynamic_ncols=True, leave=False)
 
     def __call__(self, n: int) -> None:
         if self.bar is not None:
@@ -571,6 +574,9 @@ def push(local_dir: Path, url: str, *, endpoint_url: str | None = None, quiet: b
     loc, root, start = parse_url(url), Path(local_dir), time.monotonic()
     if not root.is_dir():
         raise InvalidArgumentError(f"{root} is not a directory: pass the model repository to push")
+    if delete and not loc.prefix:
+        raise InvalidArgumentError(f"--delete at the root of bucket {loc.bucket!r} would delete every other object "
+                                   "in it: push to s3://BUCKET/PREFIX")
     files, dirs = _walk(root)
     check_layout(files, dirs, source=str(root))
     client = make_client(endpoint_url, settings)

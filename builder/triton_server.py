@@ -83,6 +83,17 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux), so a
+    killed `serve` cannot leave Triton and its stubs running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class TritonServer:
     """A tritonserver child process with explicit model control.
@@ -132,7 +143,7 @@ class TritonServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             self.command(), env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
             cwd=Path(self.repository).resolve(),  # tensorrtllm resolves relative engine paths from here
         )
         return self

@@ -209,3 +209,15 @@ def llm_server(llm_repository, cache_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton-llm") / "triton.log"
     with TritonServer(llm_repository, Ports(http, grpc, metrics), cache_dir=cache_dir, log_path=log) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_repository(tmp_path_factory, build_cache, tiny_llama) -> Path:
+    """A small LLM repository (the random tiny Llama at fp32) for tests that start their own server."""
+    from builder.build import BuildOptions, build
+    from builder.deployment import DeploymentSpec
+
+    out = tmp_path_factory.mktemp("tiny") / "repository"
+    build([DeploymentSpec(TINY_NAME, source=str(tiny_llama), precisions=["fp32"], context_size=256, max_batch_size=2)],
+          BuildOptions(output=out, cache_dir=build_cache, echo=lambda _: None))
+    return out

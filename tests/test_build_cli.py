@@ -24,8 +24,8 @@ def assert_one_line_error(result, *needles: str) -> str:
     assert result.exit_code != 0
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), \
         f"traceback instead of an error line: {result.exception!r}"
-    out = result.output.strip()
-    assert out.startswith("Error: ") and len(out.splitlines()) == 1, out
+    out = result.stderr.strip()
+    assert out.startswith("Error: ") and len(out.splitlines()) == 1, result.output
     for n in needles:
         assert n in out, out
     return out

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -211,7 +210,7 @@ def test_s3transfer_wrapped_errors_are_unwrapped():
         try:
             raise ClientError({"Error": {"Code": "NoSuchBucket", "Message": "x"}}, "PutObject")
         except ClientError as inner:
-            raise S3UploadFailedError(f"Failed to upload: {inner}")
+            raise S3UploadFailedError(f"Failed to upload: {inner}") from inner
     except S3UploadFailedError as outer:
         e = storage.storage_error(outer, doing="pushing to", location=storage.parse_url("s3://nope-bucket/p"),
                                   endpoint="http://127.0.0.1:9")
@@ -223,3 +222,13 @@ def test_cache_dir_differs_per_location_and_endpoint():
     b = storage.default_cache_dir("s3://models/prod", "http://127.0.0.1:2")
     c = storage.default_cache_dir("s3://models/dev", "http://127.0.0.1:1")
     assert len({a, b, c}) == 3 and a.name.startswith("models-prod-")
+
+
+def test_push_delete_at_a_bucket_root_is_refused(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="would delete every other object"):
+        storage.push(tmp_path, "s3://models", delete=True, quiet=True)
+
+
+def test_push_of_a_missing_directory_is_refused(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="is not a directory"):
+        storage.push(tmp_path / "nope", "s3://models/p", quiet=True)

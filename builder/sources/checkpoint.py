@@ -20,6 +20,9 @@ from builder.errors import SourceError, UnsafeCheckpointError, UnsupportedModelE
 from builder.manifest import sha256_file
 
 SUPPORTED_LLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Encoders the embedding path exports (optimum-intel, feature-extraction) and serves (BERT family).
+SUPPORTED_EMBEDDING_ARCHITECTURES = ("BertModel", "RobertaModel", "XLMRobertaModel")
+_EMBEDDING_MODEL_TYPES = {"bert": "BertModel", "roberta": "RobertaModel", "xlm-roberta": "XLMRobertaModel"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # Files the builder may read from a checkpoint directory (plus *.safetensors).
 ALLOWED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -99,6 +102,13 @@ def check_hf_dir(d: Path, kind: str) -> dict:
             raise UnsupportedModelError(
                 f"{d} is a {', '.join(archs) or 'model of unknown architecture'}; supported LLM architectures "
                 f"are {', '.join(SUPPORTED_LLM_ARCHITECTURES)}")
+    elif kind == "embedding":
+        archs = config.get("architectures") or []
+        if not (any(a in SUPPORTED_EMBEDDING_ARCHITECTURES for a in archs)
+                or (not archs and config.get("model_type") in _EMBEDDING_MODEL_TYPES)):
+            raise UnsupportedModelError(
+                f"{d} is a {', '.join(archs) or config.get('model_type') or 'model of unknown architecture'}; "
+                f"supported embedding architectures are {', '.join(SUPPORTED_EMBEDDING_ARCHITECTURES)}")
     return config
 
 

@@ -1,0 +1,462 @@
+"""Embeddings: what sentence-transformers does around the encoder, as plain functions.
+
+Tokenize (truncation to the model's max length, dynamic padding to the longest text of a request),
+run the encoder over length-sorted chunks, pool (the modes of sentence-transformers' `Pooling`
+module) and L2-normalize (its `Normalize` module). The Triton models in model_repository/embedding_*
+only convert tensors and call these; the build reads the checkpoint's sentence-transformers files
+with `read_checkpoint_config` and stores the result beside the models as `embedding.json`.
+
+Every function here is tested against sentence-transformers itself (tests/test_embedding.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from builder.errors import RequestError, SourceError, UnsupportedModelError
+
+CONFIG_NAME = "embedding.json"
+# sentence-transformers' Pooling modes, in the order it concatenates them.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# --pooling (builder.deployment.POOLINGS) -> sentence-transformers' mode name.
+POOLING_ALIASES = {"mean": "mean", "cls": "cls", "last": "lasttoken"}
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_ST_MODULES = {"Transformer", "Pooling", "Normalize"}
+NORMALIZE_EPS = 1e-12          # torch.nn.functional.normalize's default, which Normalize uses
+# Encoder chunks: at most this many texts, and this many tokens (texts x padded length), per call.
+CHUNK_TEXTS = 64
+CHUNK_TOKENS = 8192
+
+
+# -- configuration (written at build time, read by the Triton models) -----------------------------
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """How one embedding model turns texts into vectors (everything but the encoder weights)."""
+
+    max_length: int                       # tokens per text, special tokens included
+    pooling: tuple[str, ...]              # POOLING_MODES, concatenated in this order
+    normalize: bool                       # L2 (sentence-transformers' Normalize module)
+    hidden_size: int                      # encoder output width
+    do_lower_case: bool = False           # sentence_bert_config.json: lowercase before tokenizing
+    encoder_inputs: tuple[str, ...] = ("input_ids", "attention_mask")
+    pad_id: int = 0
+    pooling_source: str = "1_Pooling/config.json"
+
+    @property
+    def dimension(self) -> int:
+        return self.hidden_size * len(self.pooling)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "EmbeddingConfig":
+        data = json.loads(text)
+        for key in ("pooling", "encoder_inputs"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def save(self, directory: Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        path.write_text(self.to_json())
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> "EmbeddingConfig":
+        return cls.from_json((Path(directory) / CONFIG_NAME).read_text())
+
+
+def _read_json(path: Path) -> dict | list:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise SourceError(f"{path} is not valid JSON ({e}): fix or re-download the checkpoint") from None
+
+
+def pooling_modes(pooling_config: dict) -> tuple[str, ...]:
+    """The modes of a 1_Pooling/config.json, old (`pooling_mode_*_tokens` flags) or new format."""
+    mode = pooling_config.get("pooling_mode")
+    if mode is None:
+        modes = tuple(m for k, m in _LEGACY_POOLING_KEYS.items() if pooling_config.get(k))
+        modes = modes or ("mean",)  # sentence-transformers' default when no flag is set
+    else:
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown or not modes:
+        raise UnsupportedModelError(f"pooling mode {', '.join(unknown) or '(none)'} is not one sentence-transformers "
+                                    f"defines ({', '.join(POOLING_MODES)})")
+    if pooling_config.get("include_prompt") is False:
+        pass  # prompts are never prepended here, so excluding them changes nothing
+    return modes
+
+
+def usable_positions(config: dict) -> int | None:
+    """Positions the encoder really has (RoBERTa-style models reserve padding_idx + 1 of them)."""
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+        return positions - int(config.get("pad_token_id", 1) or 0) - 1
+    return positions
+
+
+def model_max_length(hf_dir: Path, config: dict) -> int:
+    """The longest input the model takes, as sentence-transformers decides it: `max_seq_length`
+    from sentence_bert_config.json, else the tokenizer's model_max_length; both capped at the
+    encoder's usable positions."""
+    candidates = []
+    st_path = Path(hf_dir) / "sentence_bert_config.json"
+    st_max = _read_json(st_path).get("max_seq_length") if st_path.is_file() else None
+    if isinstance(st_max, int) and st_max > 0:
+        candidates.append(st_max)
+    else:
+        tok_path = Path(hf_dir) / "tokenizer_config.json"
+        tok_max = _read_json(tok_path).get("model_max_length") if tok_path.is_file() else None
+        if isinstance(tok_max, int) and 0 < tok_max < 1_000_000:  # transformers' "no limit" is 1e30
+            candidates.append(tok_max)
+    if usable_positions(config) is not None:
+        candidates.append(usable_positions(config))
+    if not candidates:
+        raise SourceError(f"{hf_dir} states no maximum input length: pass --context-size")
+    return min(candidates)
+
+
+def read_checkpoint_config(hf_dir: Path, config: dict, pooling: str | None = None,
+                           context_size: int | None = None) -> EmbeddingConfig:
+    """What the sentence-transformers files of a checkpoint say (modules.json, 1_Pooling,
+    2_Normalize, sentence_bert_config.json), or --pooling for a plain transformers checkpoint.
+
+    `pooling` (--pooling) overrides the checkpoint's pooling; `context_size` (--context-size)
+    overrides max_seq_length, up to the encoder's position limit.
+    """
+    hf_dir = Path(hf_dir)
+    hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
+    if not isinstance(hidden, int):
+        raise UnsupportedModelError(f"{hf_dir}/config.json states no hidden_size: cannot size the embeddings")
+    modes, normalize, source, lower = None, False, None, False
+    modules_path = hf_dir / "modules.json"
+    if modules_path.is_file():
+        modules = _read_json(modules_path)
+        if not isinstance(modules, list):
+            raise SourceError(f"{modules_path} is not a list of modules: fix or re-download the checkpoint")
+        for m in modules:
+            kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+            if kind not in _ST_MODULES:
+                raise UnsupportedModelError(
+                    f"{hf_dir} uses the sentence-transformers module {m.get('type')!r}, which this builder does not "
+                    f"reproduce (supported: Transformer, Pooling, Normalize): choose another embedding model")
+            if kind == "Transformer" and m.get("path", "") not in ("", "."):
+                raise UnsupportedModelError(f"{hf_dir}: the transformer lives in the sub-folder {m['path']!r}; "
+                                            "point to that folder's checkpoint instead")
+            if kind == "Pooling":
+                path = hf_dir / m.get("path", "1_Pooling") / "config.json"
+                if not path.is_file():
+                    raise SourceError(f"{hf_dir}: modules.json lists a Pooling module but {path} is missing")
+                modes, source = pooling_modes(_read_json(path)), f"{m.get('path', '1_Pooling')}/config.json"
+            normalize = normalize or kind == "Normalize"
+        st_path = hf_dir / "sentence_bert_config.json"
+        if st_path.is_file():
+            lower = bool(_read_json(st_path).get("do_lower_case", False))
+    elif (hf_dir / "1_Pooling" / "config.json").is_file():
+        modes, source = pooling_modes(_read_json(hf_dir / "1_Pooling" / "config.json")), "1_Pooling/config.json"
+    if pooling is not None:
+        if pooling not in POOLING_ALIASES:
+            raise UnsupportedModelError(f"unknown pooling {pooling!r}: choose from {', '.join(POOLING_ALIASES)}")
+        modes, source = (POOLING_ALIASES[pooling],), "--pooling"
+    if modes is None:
+        raise UnsupportedModelError(
+            f"{hf_dir} is a plain transformers checkpoint (no modules.json or 1_Pooling/config.json), so it does not "
+            "say how to pool token embeddings: pass --pooling mean, cls or last (mean suits most BERT-family models)")
+    max_length = model_max_length(hf_dir, config)
+    if context_size is not None:
+        usable = usable_positions(config)
+        if usable is not None and context_size > usable:
+            raise UnsupportedModelError(f"context size {context_size} exceeds the encoder's {usable} usable positions: "
+                                        f"use --context-size {usable} or less")
+        max_length = context_size
+    pad = config.get("pad_token_id")
+    return EmbeddingConfig(max_length=max_length, pooling=modes, normalize=normalize, hidden_size=hidden,
+                           do_lower_case=lower, pad_id=int(pad) if isinstance(pad, int) else 0,
+                           pooling_source=source)
+
+
+# -- requests: texts in ----------------------------------------------------------------------------
+
+def decode_texts(values: Sequence[bytes], max_texts: int | None = None) -> list[str]:
+    """UTF-8 texts of one request; refuses none, too many, or invalid bytes (naming the text)."""
+    if len(values) == 0:
+        raise RequestError("no texts: send at least one string in `text` (shape [n, 1])")
+    if max_texts is not None and len(values) > max_texts:
+        raise RequestError(f"{len(values)} texts in one request exceed this model's limit of {max_texts}: "
+                           f"send at most {max_texts} per request (concurrent requests are batched)")
+    texts = []
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            texts.append(v)
+            continue
+        try:
+            texts.append(bytes(v).decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise RequestError(f"text {i} is not valid UTF-8 (bad byte at position {e.start}): "
+                               "send UTF-8 text") from None
+    return texts
+
+
+def truncate_flags(values: np.ndarray | None, n: int) -> list[bool]:
+    """`truncate` per text: absent -> all true; one value -> for every text; else one per text."""
+    if values is None:
+        return [True] * n
+    flat = np.asarray(values).reshape(-1)
+    if flat.size == 1:
+        return [bool(flat[0])] * n
+    if flat.size != n:
+        raise RequestError(f"truncate holds {flat.size} values for {n} texts: send one per text, or one in all")
+    return [bool(v) for v in flat]
+
+
+class EmbeddingTokenizer:
+    """The model's fast tokenizer with our own truncation and padding (tokenizer.json may carry
+    fixed ones: all-MiniLM-L6-v2's pads and truncates to 128)."""
+
+    def __init__(self, tokenizer, config: EmbeddingConfig):
+        self.config = config
+        self.tokenizer = tokenizer
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        self._truncating = tokenizer.__class__.from_str(tokenizer.to_str())
+        self._truncating.enable_truncation(max_length=config.max_length)
+
+    @classmethod
+    def load(cls, directory: Path, config: EmbeddingConfig | None = None) -> "EmbeddingTokenizer":
+        from tokenizers import Tokenizer
+
+        d = Path(directory)
+        return cls(Tokenizer.from_file(str(d / "tokenizer.json")), config or EmbeddingConfig.load(d))
+
+    def encode(self, texts: Sequence[str], truncate: Sequence[bool] | bool = True) -> dict[str, np.ndarray]:
+        """Encoder inputs for texts: int64 [n, longest], right-padded. A text longer than
+        max_length is truncated where its flag is true and refused where it is false."""
+        if isinstance(truncate, bool):
+            truncate = [truncate] * len(texts)
+        if self.config.do_lower_case:
+            texts = [t.lower() for t in texts]
+        strict = [i for i, t in enumerate(truncate) if not t]
+        encodings = self._truncating.encode_batch(list(texts))
+        if strict:
+            full = self.tokenizer.encode_batch([texts[i] for i in strict])
+            for i, e in zip(strict, full):
+                if len(e.ids) > self.config.max_length:
+                    raise RequestError(
+                        f"text {i} has {len(e.ids)} tokens, more than this model's limit of {self.config.max_length}: "
+                        "shorten it, or send truncate=true to embed its first tokens only")
+        return pad_encodings(encodings, self.config)
+
+
+def pad_encodings(encodings, config: EmbeddingConfig) -> dict[str, np.ndarray]:
+    n = len(encodings)
+    longest = max((len(e.ids) for e in encodings), default=0)
+    ids = np.full((n, longest), config.pad_id, dtype=np.int64)
+    mask = np.zeros((n, longest), dtype=np.int64)
+    types = np.zeros((n, longest), dtype=np.int64)
+    for row, e in enumerate(encodings):
+        k = len(e.ids)
+        ids[row, :k] = e.ids
+        mask[row, :k] = 1
+        types[row, :k] = e.type_ids
+    arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    return {name: arrays[name] for name in config.encoder_inputs}
+
+
+# -- the encoder: length-sorted chunks over every text of a dynamic batch --------------------------
+
+def plan_chunks(lengths: Sequence[int], max_texts: int = CHUNK_TEXTS, max_tokens: int = CHUNK_TOKENS) -> list[list[int]]:
+    """Group row indices into encoder calls: sorted by length (little padding), at most max_texts
+    rows and max_tokens padded tokens per call (bounded memory, whatever the batch)."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    for i in order:  # ascending: the row being added is the longest of its chunk
+        if current and (len(current) >= max_texts or max(lengths[i], 1) * (len(current) + 1) > max_tokens):
+            chunks.append(current)
+            current = []
+        current.append(i)
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def check_encoder_inputs(feeds: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:
+    """The encoder inputs of one request: every tensor present, int64 [texts, tokens] of one shape,
+    attention_mask right-padded (1s, then 0s)."""
+    missing = [name for name, v in feeds.items() if v is None]
+    if missing:
+        raise RequestError(f"missing encoder input {', '.join(missing)}: send {', '.join(feeds)}")
+    mask = np.asarray(feeds["attention_mask"])
+    if mask.ndim != 2 or any(np.shape(v) != mask.shape for v in feeds.values()):
+        shapes = ", ".join(f"{n} {list(np.shape(v))}" for n, v in feeds.items())
+        raise RequestError(f"encoder inputs must share one [texts, tokens] shape, got {shapes}")
+    lengths = mask.sum(axis=1)
+    if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():
+        raise RequestError("attention_mask must be right-padded: 1 for every token, then 0 for padding")
+    return {name: np.asarray(v, dtype=np.int64) for name, v in feeds.items()}
+
+
+def encode_batches(batches: Sequence[dict[str, np.ndarray]], infer: Callable[[dict[str, np.ndarray]], np.ndarray],
+                   max_texts: int = CHUNK_TEXTS, max_tokens: int = CHUNK_TOKENS) -> list[np.ndarray]:
+    """Token embeddings for several requests' encoder inputs ([n_i, L_i] each), computed together.
+
+    Rows of every request are cut to their real length, sorted, run through `infer` in chunks
+    (see plan_chunks) and put back: request i gets float32 [n_i, L_i, hidden], zeros at padding.
+    `infer` maps {input name: int64 [rows, length]} to float32 [rows, length, hidden].
+    """
+    rows = []   # (batch index, row index, length)
+    for b, feeds in enumerate(batches):
+        mask = np.asarray(feeds["attention_mask"])
+        if mask.ndim != 2:
+            raise RequestError(f"attention_mask must be [texts, tokens], got shape {list(mask.shape)}")
+        for r, length in enumerate(mask.sum(axis=1).tolist()):
+            rows.append((b, r, int(length)))
+    outputs: list[np.ndarray | None] = [None] * len(batches)
+    for chunk in plan_chunks([length for _, _, length in rows], max_texts, max_tokens):
+        longest = max(max(rows[i][2] for i in chunk), 1)
+        feeds = {}
+        for name in batches[0]:
+            arr = np.zeros((len(chunk), longest), dtype=np.int64)
+            for k, i in enumerate(chunk):
+                b, r, length = rows[i]
+                arr[k, :length] = batches[b][name][r, :length]
+            feeds[name] = arr
+        hidden = np.asarray(infer(feeds))
+        for k, i in enumerate(chunk):
+            b, r, length = rows[i]
+            if outputs[b] is None:
+                shape = batches[b]["attention_mask"].shape
+                outputs[b] = np.zeros((shape[0], shape[1], hidden.shape[-1]), dtype=np.float32)
+            outputs[b][r, :length] = hidden[k, :length]
+    return [o if o is not None else np.zeros((0, 0, 0), dtype=np.float32) for o in outputs]
+
+
+class OpenVinoEncoder:
+    """An OpenVINO encoder IR compiled for CPU, called as `infer(feeds) -> token embeddings`."""
+
+    def __init__(self, xml: Path, inference_precision: str = "f32"):
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(
+            str(xml), "CPU", {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"})
+        self.request = self.compiled.create_infer_request()
+        self.inputs = tuple(i.get_any_name() for i in self.compiled.inputs)
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        self.request.infer({name: feeds[name] for name in self.inputs})
+        return self.request.get_output_tensor(0).data.copy()
+
+
+# -- pooling and normalization ---------------------------------------------------------------------
+
+def pool(token_embeddings: np.ndarray, attention_mask: np.ndarray, modes: Sequence[str]) -> np.ndarray:
+    """sentence-transformers' Pooling over right-padded [n, L, H] (modes concatenated in order)."""
+    te = np.asarray(token_embeddings, dtype=np.float32)
+    mask = np.asarray(attention_mask)
+    if te.ndim != 3 or mask.shape != te.shape[:2]:
+        raise RequestError(f"token embeddings {list(te.shape)} and attention mask {list(mask.shape)} do not match")
+    n, length, _ = te.shape
+    m = mask.astype(np.float32)[..., None]
+    out = []
+    counts = None
+    for mode in modes:
+        if mode == "cls":
+            first = mask.astype(np.int32).argmax(axis=1) if length else np.zeros(n, dtype=np.int64)
+            out.append(te[np.arange(n), first])
+        elif mode == "max":
+            out.append(np.where(m > 0, te, -np.inf).max(axis=1))
+        elif mode in ("mean", "mean_sqrt_len_tokens"):
+            if counts is None:
+                sums = (te * m).sum(axis=1)
+                counts = np.clip(m.sum(axis=1), 1e-9, None)
+            out.append(sums / (counts if mode == "mean" else np.sqrt(counts)))
+        elif mode == "weightedmean":
+            weights = np.arange(1, length + 1, dtype=np.float32)[None, :, None] * m
+            out.append((te * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None))
+        elif mode == "lasttoken":
+            flipped = mask[:, ::-1]
+            values, indices = flipped.max(axis=1), flipped.argmax(axis=1)
+            indices = np.where(values == 0, length - 1, indices)
+            out.append((te * m)[np.arange(n), length - indices - 1])
+        else:
+            raise ValueError(f"unknown pooling mode {mode!r}")
+    return np.concatenate(out, axis=-1).astype(np.float32)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """torch.nn.functional.normalize(x, p=2, dim=-1), as sentence-transformers' Normalize."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return (x / np.maximum(norms, NORMALIZE_EPS)).astype(np.float32)
+
+
+def sentence_embeddings(token_embeddings: np.ndarray, attention_mask: np.ndarray,
+                        config: EmbeddingConfig) -> np.ndarray:
+    pooled = pool(token_embeddings, attention_mask, config.pooling)
+    return l2_normalize(pooled) if config.normalize else pooled
+
+
+def embed(texts: Sequence[str], tokenizer: EmbeddingTokenizer, infer: Callable, batch: int = 32) -> np.ndarray:
+    """The whole pipeline in one process (the build's accuracy check): texts -> [n, dimension]."""
+    out = []
+    for i in range(0, len(texts), batch):
+        feeds = tokenizer.encode(texts[i:i + batch])
+        (token_embeddings,) = encode_batches([feeds], infer)
+        out.append(sentence_embeddings(token_embeddings, feeds["attention_mask"], tokenizer.config))
+    return np.concatenate(out) if out else np.zeros((0, tokenizer.config.dimension), dtype=np.float32)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two [n, d] arrays."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+# -- the tensor contract of the Triton models (templates are rendered from it) ---------------------
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                  # Triton config type
+    dims: tuple[int, ...]       # without the batch dimension (one batch row = one text)
+    optional: bool = False
+    ragged: bool = False        # allow_ragged_batch: requests padded to different lengths batch together
+
+    @property
+    def dims_text(self) -> str:
+        return "[ " + ", ".join(str(d) for d in self.dims) + " ]"
+
+
+TEXT, TRUNCATE, EMBEDDING, TOKEN_EMBEDDINGS = "text", "truncate", "embedding", "token_embeddings"
+
+
+def contract(config: EmbeddingConfig) -> dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]]:
+    """{role: (inputs, outputs)} for the tokenize, encoder, pooling and ensemble models."""
+    T = TensorSpec
+    token_inputs = tuple(T(n, "TYPE_INT64", (-1,), ragged=True) for n in config.encoder_inputs)
+    client_inputs = (T(TEXT, "TYPE_STRING", (1,)), T(TRUNCATE, "TYPE_BOOL", (1,), optional=True))
+    token_embeddings = T(TOKEN_EMBEDDINGS, "TYPE_FP32", (-1, config.hidden_size), ragged=True)
+    embedding = T(EMBEDDING, "TYPE_FP32", (config.dimension,))
+    return {
+        "tokenize": (client_inputs, tuple(T(t.name, t.dtype, t.dims) for t in token_inputs)),
+        "encoder": (token_inputs, (T(TOKEN_EMBEDDINGS, "TYPE_FP32", (-1, config.hidden_size)),)),
+        "pooling": ((token_embeddings, T("attention_mask", "TYPE_INT64", (-1,), ragged=True)), (embedding,)),
+        "ensemble": (client_inputs, (embedding,)),
+    }

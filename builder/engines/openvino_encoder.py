@@ -1,0 +1,194 @@
+"""CPU embedding engines on OpenVINO: one fp32 encoder export per checkpoint, one engine per precision.
+
+The fp32 IR (optimum-intel's `feature-extraction` export of the transformer: token embeddings out)
+is the reference; fp16 / int8 / fp8 are derived from it exactly as for LLMs
+(builder.engines.openvino_llm.derive: compress_to_fp16, nncf INT8_ASYM, nncf FP8_E4M3). Pooling and
+normalization are not part of the engine: the Triton pooling model applies what the checkpoint's
+sentence-transformers files say (backends/embedding.py), and so does the accuracy check here, which
+compares pooled, normalized embeddings of a fixed set of sentences with the fp32 reference's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from backends import embedding as emb
+from builder import repository
+from builder.engines import openvino_llm as ov_llm
+from builder.errors import BuildError
+from builder.naming import DeploymentName
+from builder.precisions import PRECISIONS
+from builder.sources.checkpoint import Checkpoint
+
+# Inference precision per engine (INFERENCE_PRECISION_HINT). f32 everywhere: see docs/embeddings.md
+# for the bf16 measurements (faster on this CPU, but fp16 then misses its 0.9999 floor on long texts).
+COMPUTE = {"fp32": "f32", "fp16": "f32", "int8": "f32", "fp8": "f32"}
+
+# The accuracy check's fixed sentences: prose, questions, numbers, code, several scripts, emoji,
+# a text beyond any max length, and whitespace only (sentence-transformers embeds "" as [CLS] [SEP]).
+_BASE = (
+    "A man is playing a guitar on the street corner.",
+    "The new movie is awesome!",
+    "How do I reset my password if I no longer have access to my email?",
+    "Quarterly revenue rose 12.5% to $4.3 billion, beating analyst estimates.",
+    "def add(a, b):\n    return a + b",
+    "SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;",
+    "The mitochondria is the powerhouse of the cell.",
+    "Paris is the capital and most populous city of France.",
+    "Le chat dort sur le canapé depuis ce matin.",
+    "Der schnelle braune Fuchs springt über den faulen Hund.",
+    "¿Dónde está la estación de tren más cercana?",
+    "Мы пошли гулять в парк, несмотря на дождь.",
+    "今日はとても良い天気ですね。散歩に行きましょう。",
+    "我喜欢在周末读书和喝茶。",
+    "الطقس جميل اليوم في المدينة.",
+    "मुझे हिंदी में किताबें पढ़ना पसंद है।",
+    "Η θάλασσα ήταν ήρεμη το πρωί.",
+    "서울은 한국의 수도입니다.",
+    "I love this! 😍🔥🎉",
+    "🚀🌕👩‍🚀",
+    "Call me at +1 (555) 010-9999 or mail hello@example.com.",
+    "https://example.com/path?query=1&lang=en#section",
+    "ok",
+    "Yes.",
+    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
+    "Water boils at 100 °C at sea level; at altitude it boils at a lower temperature.",
+    "She sells sea shells by the sea shore, and the shells she sells are surely sea shells.",
+    "In 1969, Apollo 11 landed on the Moon and Neil Armstrong became the first person to walk on it.",
+    "Please find attached the invoice for March; payment is due within 30 days.",
+    "The patient reported mild headaches and dizziness after starting the new medication.",
+    "Neural networks learn representations by adjusting weights with gradient descent.",
+    "    leading and trailing spaces    ",
+)
+ACCURACY_SENTENCES = _BASE + (
+    " ".join(_BASE[i] for i in range(0, len(_BASE), 2)) * 3,    # far beyond 512 tokens: truncated
+    " ".join(_BASE[7:14]),
+    "",
+    "   \n\t ",
+)
+
+_reference_embeddings: dict[tuple[str, str], np.ndarray] = {}
+
+
+def quantization_of(precision: str) -> str:
+    return ov_llm.quantization_of(precision)
+
+
+def export_reference(hf_dir: Path, out_dir: Path, log_path: Path) -> Path:
+    """optimum-intel's fp32 export of the encoder (a subprocess: torch's memory goes when it ends).
+    `--library transformers` for every checkpoint: the IR outputs token embeddings only, and
+    pooling stays ours whatever the checkpoint's sentence-transformers modules are."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(hf_dir),
+           "--library", "transformers", "--task", "feature-extraction", "--weight-format", "fp32",
+           "--disable-convert-tokenizer", str(tmp)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not (tmp / ov_llm.MODEL_XML).exists():
+        tail = " | ".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-3:])
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BuildError(f"the OpenVINO export of {hf_dir} failed ({tail}); full log: {log_path}")
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
+    """The fp32 encoder export of a checkpoint, made once and kept in the cache."""
+    ref = Path(cache_dir) / "engines" / f"{ckpt.digest[:24]}-encoder-fp32"
+    if not (ref / ov_llm.MODEL_XML).exists():
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        with step("exporting the fp32 encoder with optimum-intel (about 30 s for 22M parameters)"):
+            export_reference(ckpt.hf_dir, ref, ref.with_suffix(".log"))
+    return ref
+
+
+def encoder_inputs(engine_dir: Path) -> tuple[str, ...]:
+    import openvino as ov
+
+    model = ov.Core().read_model(Path(engine_dir) / ov_llm.MODEL_XML)
+    return tuple(i.get_any_name() for i in model.inputs)
+
+
+def embeddings_of(engine_dir: Path, tokenizer: emb.EmbeddingTokenizer, compute: str,
+                  sentences=ACCURACY_SENTENCES) -> np.ndarray:
+    """Pooled (and normalized, if the model says so) embeddings of `sentences` from one engine."""
+    encoder = emb.OpenVinoEncoder(Path(engine_dir) / ov_llm.MODEL_XML, compute)
+    return emb.embed(list(sentences), tokenizer, encoder)
+
+
+def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
+    """The floor this precision must meet; raises BuildError (engine not published) below it."""
+    p = PRECISIONS[precision]
+    floor = {"min_cosine": p.embedding_min_cosine, "mean_cosine": p.embedding_mean_cosine}
+    failed = [f"{k} {figures[k]:.6f} < {v}" for k, v in floor.items() if figures[k] < v]
+    if failed:
+        raise BuildError(f"the {precision} encoder misses its accuracy floor against fp32 ({', '.join(failed)}): "
+                         "it was not published; choose another precision or check the checkpoint")
+    return floor
+
+
+def measure_accuracy(reference: Path, engine_dir: Path, tokenizer: emb.EmbeddingTokenizer, precision: str) -> dict:
+    key = (str(reference), tokenizer.config.to_json())
+    if key not in _reference_embeddings:
+        _reference_embeddings[key] = embeddings_of(reference, tokenizer, COMPUTE["fp32"])
+    cos = emb.cosine(_reference_embeddings[key], embeddings_of(engine_dir, tokenizer, COMPUTE[precision]))
+    figures = {"min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 6)}
+    floor = check_floor(precision, figures)
+    return {"reference": "fp32", "method": "cosine of pooled embeddings of fixed sentences",
+            "sentences": len(ACCURACY_SENTENCES), **figures, "floor": floor}
+
+
+def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int, engine_dir: Path) -> dict:
+    import openvino as ov
+
+    weights = sum(f.stat().st_size for f in Path(engine_dir).glob("*.bin"))
+    return {
+        "target": "cpu",
+        "format": "openvino-ir",
+        "version": f"openvino {ov.__version__.split('-')[0]}",
+        "quantization": quantization_of(precision),
+        "compute": COMPUTE[precision],
+        "context_size": config.max_length,
+        "max_batch_size": max_batch_size,
+        "dimension": config.dimension,
+        "pooling": list(config.pooling),
+        "normalize": config.normalize,
+        "weights_bytes": weights,
+    }
+
+
+def build_deployment(spec, precision: str, ckpt: Checkpoint, context: int, staging: Path, cache_dir: Path,
+                     step) -> dict:
+    """One embedding deployment `<name>:<precision>` into the staging repository.
+
+    `context` (the model's position limit, or --context-size) bounds the max length; without
+    --context-size the max length is the checkpoint's own (sentence_bert_config.json max_seq_length).
+    """
+    dep = DeploymentName(spec.name, precision)
+    config = emb.read_checkpoint_config(ckpt.hf_dir, ckpt.config, spec.pooling, spec.context_size)
+    config = dataclasses.replace(config, max_length=min(config.max_length, context))
+    reference = reference_ir(ckpt, cache_dir, step)
+    config = dataclasses.replace(config, encoder_inputs=encoder_inputs(reference))
+    work = staging / ".work" / dep.embedding_encoder
+    shutil.rmtree(work, ignore_errors=True)
+    with step(f"deriving the {precision} encoder ({quantization_of(precision)})"):
+        ov_llm.derive(reference, precision, work)
+    from tokenizers import Tokenizer
+
+    tokenizer = emb.EmbeddingTokenizer(Tokenizer.from_file(str(Path(ckpt.hf_dir) / "tokenizer.json")), config)
+    with step("measuring accuracy against fp32"):
+        accuracy = measure_accuracy(reference, work, tokenizer, precision)
+    info = engine_info(precision, config, spec.max_batch_size, work)
+    models = repository.write_embedding_models(staging, dep, ckpt.hf_dir, config, work, spec.max_batch_size,
+                                               COMPUTE[precision])
+    return {"triton_models": models, "entrypoints": {"infer": dep.embedding}, "engine": info,
+            "accuracy": accuracy}
