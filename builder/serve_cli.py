@@ -171,9 +171,8 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address,
         internal, proxy = build_proxy(http_port, grpc_port, address, public_addresses, state_dir, deployment,
                                       allowed_ips, trusted_proxies)
         ports = Ports(internal.http, internal.grpc, metrics_port)
-    server = TritonServer(repo, ports, address=address, tritonserver=tritonserver, log_path=log_file)
-    orig_wait = server.wait_ready
-    server.wait_ready = lambda: orig_wait(timeout)  # type: ignore[method-assign]
+    server = TritonServer(repo, ports, address=address, tritonserver=tritonserver, log_path=log_file,
+                          ready_timeout=timeout)
 
     def announce() -> None:
         click.echo("ready")

@@ -109,6 +109,7 @@ class TritonServer:
     log_path: Path | None = None
     load_models: list[str] | None = None  # None: every model in the repository
     extra_args: list[str] = field(default_factory=list)
+    ready_timeout: float = 300.0            # seconds wait_ready() waits for every model
     process: subprocess.Popen | None = None
 
     @property
@@ -162,8 +163,9 @@ class TritonServer:
         with urllib.request.urlopen(req, timeout=5) as r:
             return {m["name"]: m for m in json.loads(r.read())}
 
-    def wait_ready(self, timeout: float = 300.0) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the server and every loaded model are ready; raise with the reason if not."""
+        timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
