@@ -77,9 +77,10 @@ class ContinuousBatchingEngine:
         scheduler.max_num_seqs = max_batch_size
         scheduler.cache_size = cache_gib or kv_cache_gib(engine_dir, context_size, max_batch_size)
         scheduler.max_num_batched_tokens = max(context_size, 256)
-        # f32 inference: the CPU plugin's default on bf16-capable CPUs is bf16, which changes
-        # greedy outputs; weights keep their stored precision (fp16 / int8 / fp8).
-        props = {"INFERENCE_PRECISION_HINT": "f32", **(properties or {})}
+        # f32 inference and an f32 KV cache: the CPU plugin's defaults (bf16 compute on bf16-capable
+        # CPUs, a u8-compressed KV cache) change greedy outputs; weights keep their stored
+        # precision (fp16 / int8 / fp8).
+        props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", **(properties or {})}
         self.pipeline = og.ContinuousBatchingPipeline(str(engine_dir), scheduler, "CPU", props)
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._stopped_keys: set[str] = set()

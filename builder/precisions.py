@@ -43,7 +43,7 @@ PRECISIONS: dict[str, Precision] = {
                   (8, 0), 0.95, 0.998, 0.99, 0.999,
                   "8-bit weight-only quantization, no calibration"),
         Precision("fp8", "fp8 e4m3 weights with scales (nncf FP8_E4M3)", "float16", "FP8", "FP8", (8, 9),
-                  0.85, 0.99, 0.99, 0.995,
+                  0.85, 0.99, 0.985, 0.996,
                   "8-bit float weights (and KV cache on GPU)"),
     )
 }

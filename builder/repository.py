@@ -101,8 +101,9 @@ def write_embedding_models(repo: Path, dep: DeploymentName, hf_dir: Path, config
 
     io = emb.contract(config)
     common = {"deployment": str(dep), "max_batch_size": max_batch_size}
+    shared = {"deployment": dep.name, "max_batch_size": max_batch_size}   # identical for every precision
     tokenize = write_model(repo, "embedding_tokenize", dep.embedding_tokenize, inputs=io["tokenize"][0],
-                           outputs=io["tokenize"][1], max_length=config.max_length, **common)
+                           outputs=io["tokenize"][1], max_length=config.max_length, **shared)
     (tokenize / "1" / "tokenizer").mkdir()
     shutil.copyfile(Path(hf_dir) / "tokenizer.json", tokenize / "1" / "tokenizer" / "tokenizer.json")
     config.save(tokenize / "1" / "tokenizer")
@@ -112,7 +113,7 @@ def write_embedding_models(repo: Path, dep: DeploymentName, hf_dir: Path, config
     shutil.move(str(engine_dir), str(encoder / "1" / "engine"))
     pooling = write_model(repo, "embedding_pooling", dep.embedding_pooling, inputs=io["pooling"][0],
                           outputs=io["pooling"][1], pooling=" + ".join(config.pooling), normalize=config.normalize,
-                          pooling_source=config.pooling_source, **common)
+                          pooling_source=config.pooling_source, **shared)
     config.save(pooling / "1")
     names = {"tokenize": dep.embedding_tokenize, "encoder": dep.embedding_encoder, "pooling": dep.embedding_pooling}
     token_names = [t.name for t in io["tokenize"][1]]

@@ -26,8 +26,7 @@ def _model(arch: str):
     import transformers
 
     config_cls = getattr(transformers, arch.replace("ForCausalLM", "Config"))
-    extra = {"sliding_window": None} if arch == "MistralForCausalLM" else {}
-    return getattr(transformers, arch)(config_cls(**COMMON, **extra)).eval()
+    return getattr(transformers, arch)(config_cls(**COMMON)).eval()
 
 
 def _engine_greedy(engine, ids, n, eos):

@@ -31,17 +31,48 @@ from builder.sources.checkpoint import Checkpoint
 # for the bf16 measurements (faster on this CPU, but fp16 then misses its 0.9999 floor on long texts).
 COMPUTE = {"fp32": "f32", "fp16": "f32", "int8": "f32", "fp8": "f32"}
 
-# The accuracy check's fixed sentences: prose, questions, numbers, code, several scripts, emoji,
-# a text beyond any max length, and whitespace only (sentence-transformers embeds "" as [CLS] [SEP]).
-_BASE = (
+# The accuracy check's fixed sentences, mixed like real embedding traffic: mostly prose and
+# questions, then other scripts, emoji, code and numbers, a few very short texts, two texts beyond
+# any max length (truncated) and whitespace only (sentence-transformers embeds it as [CLS] [SEP]).
+_PROSE = (
     "A man is playing a guitar on the street corner.",
-    "The new movie is awesome!",
-    "How do I reset my password if I no longer have access to my email?",
+    "The new movie is awesome, and the soundtrack is even better.",
     "Quarterly revenue rose 12.5% to $4.3 billion, beating analyst estimates.",
-    "def add(a, b):\n    return a + b",
-    "SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;",
     "The mitochondria is the powerhouse of the cell.",
     "Paris is the capital and most populous city of France.",
+    "Water boils at 100 °C at sea level; at altitude it boils at a lower temperature.",
+    "In 1969, Apollo 11 landed on the Moon and Neil Armstrong became the first person to walk on it.",
+    "Please find attached the invoice for March; payment is due within 30 days.",
+    "The patient reported mild headaches and dizziness after starting the new medication.",
+    "Neural networks learn representations by adjusting weights with gradient descent.",
+    "The bakery on the corner sells fresh croissants every morning before seven.",
+    "Heavy rain flooded several streets in the old town overnight.",
+    "She finished the marathon in just under four hours despite the heat.",
+    "The committee postponed its decision on the new stadium until next spring.",
+    "Our flight was delayed because of a technical problem with the landing gear.",
+    "The museum's new exhibition explores the history of early photography.",
+    "A small earthquake shook the coastal region, but no damage was reported.",
+    "He forgot his umbrella on the train and had to walk home in the rain.",
+    "The recipe calls for two cups of flour, one egg and a pinch of salt.",
+    "Electric cars are becoming cheaper as battery prices continue to fall.",
+    "The children built a sandcastle and watched the tide wash it away.",
+    "The company announced that it will open a new office in Singapore.",
+    "Scientists discovered a new species of frog in the rainforest of Ecuador.",
+    "The library extended its opening hours during the exam period.",
+    "My grandmother still writes letters by hand to all her friends.",
+    "The software update fixes a bug that drained the battery overnight.",
+    "The orchestra rehearsed the symphony for weeks before the premiere.",
+    "Traffic on the motorway was backed up for ten kilometres after the accident.",
+    "The hotel room had a beautiful view of the mountains and the lake.",
+    "Regular exercise and enough sleep are good for both body and mind.",
+    "How do I reset my password if I no longer have access to my email?",
+    "What is the difference between a virus and a bacterium?",
+    "Can you recommend a good book about the history of Rome?",
+    "Why is the sky blue during the day and red at sunset?",
+    "Where can I find the train timetable for the weekend?",
+    "Is it safe to drink tap water in this city?",
+)
+_OTHER = (
     "Le chat dort sur le canapé depuis ce matin.",
     "Der schnelle braune Fuchs springt über den faulen Hund.",
     "¿Dónde está la estación de tren más cercana?",
@@ -53,24 +84,19 @@ _BASE = (
     "Η θάλασσα ήταν ήρεμη το πρωί.",
     "서울은 한국의 수도입니다.",
     "I love this! 😍🔥🎉",
-    "🚀🌕👩‍🚀",
+    "🚀🌕👩‍🚀 to the moon",
+    "Great job, team 👏👏",
+    "def add(a, b):\n    return a + b",
+    "SELECT name, COUNT(*) FROM users GROUP BY name HAVING COUNT(*) > 1;",
     "Call me at +1 (555) 010-9999 or mail hello@example.com.",
     "https://example.com/path?query=1&lang=en#section",
     "ok",
+    "Thanks!",
     "Yes.",
-    "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
-    "Water boils at 100 °C at sea level; at altitude it boils at a lower temperature.",
-    "She sells sea shells by the sea shore, and the shells she sells are surely sea shells.",
-    "In 1969, Apollo 11 landed on the Moon and Neil Armstrong became the first person to walk on it.",
-    "Please find attached the invoice for March; payment is due within 30 days.",
-    "The patient reported mild headaches and dizziness after starting the new medication.",
-    "Neural networks learn representations by adjusting weights with gradient descent.",
-    "    leading and trailing spaces    ",
 )
-ACCURACY_SENTENCES = _BASE + (
-    " ".join(_BASE[i] for i in range(0, len(_BASE), 2)) * 3,    # far beyond 512 tokens: truncated
-    " ".join(_BASE[7:14]),
-    "",
+ACCURACY_SENTENCES = _PROSE + _OTHER + (
+    " ".join(_PROSE) * 2,                    # far beyond 512 tokens: truncated
+    " ".join(_OTHER[:10]) * 3,
     "   \n\t ",
 )
 

@@ -8,6 +8,12 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.embedding import TOKEN_EMBEDDINGS, OpenVinoEncoder, check_encoder_inputs, encode_batches
+from builder.errors import RequestError
+
+
+def _refused(e: RequestError):
+    """A client mistake: Triton answers 400 (HTTP) / INVALID_ARGUMENT (gRPC), not 500."""
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
 
 
 class TritonPythonModel:
@@ -18,11 +24,16 @@ class TritonPythonModel:
         self.chunk = (int(params["chunk_texts"]), int(params["chunk_tokens"]))
         self.inputs = [t["name"] for t in json.loads(args["model_config"])["input"]]
 
+    def _checked(self, r):
+        try:
+            return check_encoder_inputs({name: io.array(r, name) for name in self.inputs})
+        except RequestError as e:
+            return _refused(e)
+
     def execute(self, requests):
-        responses = [io.guarded("embedding encoder", check_encoder_inputs,
-                                {name: io.array(r, name) for name in self.inputs}) for r in requests]
-        valid = [i for i, feeds in enumerate(responses) if isinstance(feeds, dict)]
-        if valid:
+        responses = [io.guarded("embedding encoder", self._checked, r) for r in requests]
+        valid = [i for i, checked in enumerate(responses) if isinstance(checked, dict)]
+        if valid:  # one encoder pass for every valid request of this batch
             outputs = io.guarded("embedding encoder", encode_batches, [responses[i] for i in valid], self.encoder,
                                  *self.chunk)
             for k, i in enumerate(valid):

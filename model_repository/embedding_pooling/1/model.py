@@ -7,6 +7,12 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.embedding import EMBEDDING, TOKEN_EMBEDDINGS, EmbeddingConfig, sentence_embeddings
+from builder.errors import RequestError
+
+
+def _refused(e: RequestError):
+    """A client mistake: Triton answers 400 (HTTP) / INVALID_ARGUMENT (gRPC), not 500."""
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
 
 
 class TritonPythonModel:
@@ -14,7 +20,10 @@ class TritonPythonModel:
         self.config = EmbeddingConfig.load(Path(args["model_repository"]) / args["model_version"])
 
     def _one(self, r):
-        vectors = sentence_embeddings(io.array(r, TOKEN_EMBEDDINGS), io.array(r, "attention_mask"), self.config)
+        try:
+            vectors = sentence_embeddings(io.array(r, TOKEN_EMBEDDINGS), io.array(r, "attention_mask"), self.config)
+        except RequestError as e:
+            return _refused(e)
         return pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDING, vectors)])
 
     def execute(self, requests):
