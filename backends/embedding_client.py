@@ -28,6 +28,9 @@ def _request_inputs(httpclient, texts: Sequence[str], truncate: bool | None) -> 
     return inputs
 
 
+_limits: dict[tuple[str, str], int] = {}   # (url, model) -> max_batch_size: texts per request
+
+
 def embed_texts(http_url: str, triton_model_name: str, texts: Sequence[str], truncate: bool | None = None,
                 timeout: float = 120.0) -> np.ndarray:
     """Embeddings of `texts` from an embedding ensemble: float32 [len(texts), dimension].
@@ -41,7 +44,10 @@ def embed_texts(http_url: str, triton_model_name: str, texts: Sequence[str], tru
     if not texts:
         raise ValueError("no texts to embed")
     with httpclient.InferenceServerClient(http_url, connection_timeout=timeout, network_timeout=timeout) as client:
-        limit = int(client.get_model_config(triton_model_name).get("max_batch_size") or len(texts))
+        key = (http_url, triton_model_name)
+        if key not in _limits:
+            _limits[key] = int(client.get_model_config(triton_model_name).get("max_batch_size") or 0)
+        limit = _limits[key] or len(texts)
         parts = []
         for i in range(0, len(texts), limit):
             result = client.infer(triton_model_name, _request_inputs(httpclient, texts[i:i + limit], truncate),

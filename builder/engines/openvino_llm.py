@@ -101,7 +101,8 @@ def teacher_forced_logits(engine_dir: Path, ids: list[int]) -> np.ndarray:
     """Logits at every position of ids in one forward pass, computed at f32."""
     import openvino as ov
 
-    compiled = ov.Core().compile_model(Path(engine_dir) / MODEL_XML, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = ov.Core().compile_model(Path(engine_dir) / MODEL_XML, "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"})
     request = compiled.create_infer_request()
     n = len(ids)
     request.infer({"input_ids": np.array([ids], dtype=np.int64),
