@@ -25,38 +25,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from echo_models import ECHO_CONFIG, ECHO_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS_PER_ROUND = 400
 CLIENTS = 8
 ROUNDS = 6
-
-CONFIG = """
-name: "echo"
-backend: "python"
-max_batch_size: 0
-input [{ name: "text" data_type: TYPE_STRING dims: [ -1 ] }]
-output [{ name: "text" data_type: TYPE_STRING dims: [ -1 ] }]
-instance_group [{ kind: KIND_CPU count: 1 }]
-"""
-
-MODEL = '''
-import time
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
-            if bytes(texts.flat[0]).startswith(b"wait"):  # a model bound by its device, not the CPU
-                time.sleep(0.002)
-            out = np.array([bytes(t).upper() for t in texts.flat], dtype=np.object_).reshape(texts.shape)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("text", out)]))
-        return responses
-'''
 
 # echo: the model costs next to nothing and client, nginx and Triton share the CPU: the proxy's
 #       own cost shows in full (worst case).
@@ -78,8 +52,8 @@ def endpoints(tmp_path_factory):
     """{"direct": (http, grpc), "nginx": (http, grpc)} ports of one running serve, and its state dir."""
     tmp = tmp_path_factory.mktemp("bench_proxy")
     (tmp / "repo" / "echo" / "1").mkdir(parents=True)
-    (tmp / "repo" / "echo" / "config.pbtxt").write_text(CONFIG)
-    (tmp / "repo" / "echo" / "1" / "model.py").write_text(MODEL)
+    (tmp / "repo" / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
+    (tmp / "repo" / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
     http_port, grpc_port, metrics_port = _free_ports(3)
     out = tmp / "serve.out"
     cmd = [sys.executable, "-c", "from builder.serve_cli import serve; serve()", "--repository", str(tmp / "repo"),

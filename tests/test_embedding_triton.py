@@ -123,7 +123,7 @@ def st_embeddings() -> np.ndarray:
 
 
 def _inputs(module, texts, truncate=None, dtype="BYTES"):
-    data = np.array([[t if isinstance(t, bytes) else t.encode()] for t in texts], dtype=object)
+    data = np.array([t if isinstance(t, bytes) else t.encode() for t in texts], dtype=object).reshape(-1, 1)
     text = module.InferInput("text", list(data.shape), dtype)
     text.set_data_from_numpy(data)
     inputs = [text]

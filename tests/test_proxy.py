@@ -32,39 +32,13 @@ from builder.errors import ProxyError
 from builder.proxy import Proxy, ProxyLayout, StateDir, install_config, running_master
 
 from conftest import ROOT, free_ports
+from echo_models import ECHO_CONFIG, ECHO_MODEL
 
 pytestmark = pytest.mark.slow
 
 REFUSED_TEXT = b"forbidden: this address is not in the deployment's allowed IPs\n"
 
 # -- a tiny model repository ---------------------------------------------------------------------
-
-ECHO_CONFIG = """
-name: "echo"
-backend: "python"
-max_batch_size: 0
-input [{ name: "text" data_type: TYPE_STRING dims: [ -1 ] }]
-output [{ name: "text" data_type: TYPE_STRING dims: [ -1 ] }]
-instance_group [{ kind: KIND_CPU count: 1 }]
-"""
-
-ECHO_MODEL = '''
-import time
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for request in requests:
-            texts = pb_utils.get_input_tensor_by_name(request, "text").as_numpy()
-            if texts.size and bytes(texts.flat[0]).startswith(b"slow:"):
-                time.sleep(1.0)
-            out = np.array([bytes(t).upper() for t in texts.flat], dtype=np.object_).reshape(texts.shape)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("text", out)]))
-        return responses
-'''
 
 STREAM_CONFIG = """
 name: "stream"

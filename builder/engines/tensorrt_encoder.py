@@ -26,7 +26,7 @@ from typing import Callable
 from builder.deployment import DeploymentSpec
 from builder.engines.gpu import GpuInfo, host_gpu, tensorrt_version
 from builder.engines.tensorrt_llm import (DEFAULT_CALIBRATION_TEXTS, ApiCall, Step, _kwargs_src, _run_step,
-                                          _template_env, read_hf_config)
+                                          _template_env, prepare_gpu_build, read_hf_config)
 from builder.errors import BuildError, InvalidArgumentError, UnsupportedModelError
 from builder.naming import DeploymentName
 
@@ -226,21 +226,12 @@ def render_encoder_model(dep: DeploymentName, spec: DeploymentSpec, hf_dir: Path
 def build(spec: DeploymentSpec, precision: str, hf_dir: Path, engine_dir: Path, *,
           gpu: GpuInfo | None = None, run: Callable = subprocess.run, keep_work_dir: bool = False) -> dict:
     """Run the plan on this GPU host; return the manifest `engine` entry for the plan."""
-    gpu = gpu or host_gpu()
-    if gpu is None:
-        raise BuildError("no NVIDIA GPU found on this host: build TensorRT encoder plans on a GPU host, "
-                         "or use --engine cpu")
-    check_precision_supported(precision, gpu)
+    gpu, work, log = prepare_gpu_build(precision, engine_dir, gpu, "TensorRT encoder plans", check_precision_supported,
+                                       default_work_dir(spec, precision))
     trt = tensorrt_version()
     if trt is None:
         raise BuildError("cannot tell the TensorRT version on this host: build inside the docker/Dockerfile.gpu "
                          "image, or set TRT_VERSION")
-    work = default_work_dir(spec, precision)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    Path(engine_dir).mkdir(parents=True, exist_ok=True)
-    log = work.parent / f"{work.name}.log"
-    log.write_text("")
     for step in steps(spec, precision, hf_dir, engine_dir, work):
         _run_step(step, log, run)
     if not (Path(engine_dir) / PLAN_NAME).is_file():

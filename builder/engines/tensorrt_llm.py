@@ -532,22 +532,29 @@ def _engine_files(engine_dir: Path, world_size: int) -> list[Path]:
     return files
 
 
+def prepare_gpu_build(precision: str, engine_dir: Path, gpu: GpuInfo | None, what: str,
+                      check: Callable[[str, GpuInfo], None], work: Path) -> tuple[GpuInfo, Path, Path]:
+    """The checks and folders every GPU build starts with: (gpu, empty work dir, empty log)."""
+    gpu = gpu or host_gpu()
+    if gpu is None:
+        raise BuildError(f"no NVIDIA GPU found on this host (nvidia-smi lists none): build {what} on a GPU "
+                         "host, or use --engine cpu")
+    check(precision, gpu)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    Path(engine_dir).mkdir(parents=True, exist_ok=True)
+    log = work.parent / f"{work.name}.log"
+    log.write_text("")
+    return gpu, work, log
+
+
 def build(spec: DeploymentSpec, precision: str, hf_dir: Path, engine_dir: Path, *,
           gpu: GpuInfo | None = None, run: Callable = subprocess.run, keep_work_dir: bool = False) -> dict:
     """Run the plan on this GPU host; return the manifest `engine` entry for the engine."""
-    gpu = gpu or host_gpu()
-    if gpu is None:
-        raise BuildError("no NVIDIA GPU found on this host (nvidia-smi lists none): build TensorRT-LLM "
-                         "engines on a GPU host, or use --engine cpu")
-    check_precision_supported(precision, gpu)
-    trtllm, trt = _check_toolchain()
     engine_dir = Path(engine_dir)
-    work = default_work_dir(spec, precision)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    log = work.parent / f"{work.name}.log"
-    log.write_text("")
+    gpu, work, log = prepare_gpu_build(precision, engine_dir, gpu, "TensorRT-LLM engines", check_precision_supported,
+                                       default_work_dir(spec, precision))
+    trtllm, trt = _check_toolchain()
     plan_steps = steps(spec, precision, hf_dir, engine_dir, work, workers=1)
     for step in plan_steps:
         _run_step(step, log, run)
