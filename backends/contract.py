@@ -67,7 +67,7 @@ ENGINE_INPUTS = (
     T("runtime_top_k", "TYPE_INT32", (1,), optional=True),
     T("runtime_top_p", "TYPE_FP32", (1,), optional=True),
     T("temperature", "TYPE_FP32", (1,), optional=True),
-    T("random_seed", "TYPE_UINT64", (1,), optional=True),
+    T("seed", "TYPE_UINT64", (1,), optional=True),
     T("streaming", "TYPE_BOOL", (1,), optional=True),
     T("stop", "TYPE_BOOL", (1,), optional=True),
 )
@@ -103,7 +103,7 @@ PREPROCESSING_TO_ENGINE = {
     "INPUT_ID": "input_ids", "REQUEST_INPUT_LEN": "input_lengths", "REQUEST_OUTPUT_LEN": "request_output_len",
     "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id", "STOP_WORDS_IDS": "stop_words_list",
     "BAD_WORDS_IDS": "bad_words_list", "OUT_TOP_K": "runtime_top_k", "OUT_TOP_P": "runtime_top_p",
-    "OUT_TEMPERATURE": "temperature", "OUT_RANDOM_SEED": "random_seed", "OUT_STREAMING": "streaming",
+    "OUT_TEMPERATURE": "temperature", "OUT_RANDOM_SEED": "seed", "OUT_STREAMING": "streaming",
 }
 
 POSTPROCESSING_INPUTS = (

@@ -339,8 +339,6 @@ def test_tensorrtllm_config_is_complete_and_stock(tmp_path):
     assert 0 < float(params["kv_cache_free_gpu_mem_fraction"]) <= 1
     dtype = model_config_pb2.DataType.Name
     for t in cfg.input:
-        if t.name == "random_seed":
-            continue   # accepted for older callers; the backend reads `seed`
         assert stock["inputs"][t.name] == [dtype(t.data_type), list(t.dims)], t.name
     for t in cfg.output:
         assert stock["outputs"][t.name] == [dtype(t.data_type), list(t.dims)], t.name
@@ -352,7 +350,7 @@ def test_engine_tensors_cover_the_design_interface(tmp_path):
     cfg = parse_config(trt.render_engine_config(DeploymentName(spec.name, "fp16"), spec, "m/1/engine"))
     names = {t.name for t in cfg.input}
     assert {"input_ids", "input_lengths", "request_output_len", "end_id", "pad_id", "runtime_top_k",
-            "runtime_top_p", "temperature", "random_seed", "streaming", "stop_words_list",
+            "runtime_top_p", "temperature", "seed", "stop", "streaming", "stop_words_list",
             "bad_words_list"} <= names
     assert {"output_ids", "sequence_length"} <= {t.name for t in cfg.output}
 

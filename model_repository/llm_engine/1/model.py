@@ -38,7 +38,7 @@ class TritonPythonModel:
         greedy = top_k in (None, 1)
         sampling = check_sampling(top_k, io.scalar(r, "runtime_top_p", float),
                                   None if greedy else (temperature if temperature is not None else 1.0),
-                                  io.scalar(r, "random_seed", int))
+                                  io.scalar(r, "seed", int))
         sender = r.get_response_sender()
 
         key = r.request_id()
