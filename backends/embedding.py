@@ -35,9 +35,11 @@ _LEGACY_POOLING_KEYS = {
 }
 _ST_MODULES = {"Transformer", "Pooling", "Normalize"}
 NORMALIZE_EPS = 1e-12          # torch.nn.functional.normalize's default, which Normalize uses
-# Encoder chunks: at most this many texts, and this many tokens (texts x padded length), per call.
-CHUNK_TEXTS = 64
-CHUNK_TOKENS = 8192
+# Encoder chunks: at most this many texts, and this many tokens (texts x padded length), per call;
+# a call costs about as much as this many padded tokens (measured: docs/embeddings.md).
+CHUNK_TEXTS = 32
+CHUNK_TOKENS = 4096
+CHUNK_CALL_COST = 16
 
 
 # -- configuration (written at build time, read by the Triton models) -----------------------------
@@ -98,9 +100,7 @@ def pooling_modes(pooling_config: dict) -> tuple[str, ...]:
     if unknown or not modes:
         raise UnsupportedModelError(f"pooling mode {', '.join(unknown) or '(none)'} is not one sentence-transformers "
                                     f"defines ({', '.join(POOLING_MODES)})")
-    if pooling_config.get("include_prompt") is False:
-        pass  # prompts are never prepended here, so excluding them changes nothing
-    return modes
+    return modes  # include_prompt does not matter: no prompt is ever prepended here
 
 
 def usable_positions(config: dict) -> int | None:
@@ -109,11 +109,12 @@ def usable_positions(config: dict) -> int | None:
     if not isinstance(positions, int) or positions <= 0:
         return None
     if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
-        return positions - int(config.get("pad_token_id", 1) or 0) - 1
+        pad = config.get("pad_token_id")
+        return positions - (1 if pad is None else int(pad)) - 1
     return positions
 
 
-def model_max_length(hf_dir: Path, config: dict) -> int:
+def model_max_length(hf_dir: Path, config: dict, origin: str | None = None) -> int:
     """The longest input the model takes, as sentence-transformers decides it: `max_seq_length`
     from sentence_bert_config.json, else the tokenizer's model_max_length; both capped at the
     encoder's usable positions."""
@@ -130,22 +131,24 @@ def model_max_length(hf_dir: Path, config: dict) -> int:
     if usable_positions(config) is not None:
         candidates.append(usable_positions(config))
     if not candidates:
-        raise SourceError(f"{hf_dir} states no maximum input length: pass --context-size")
+        raise SourceError(f"{origin or hf_dir} states no maximum input length: pass --context-size")
     return min(candidates)
 
 
 def read_checkpoint_config(hf_dir: Path, config: dict, pooling: str | None = None,
-                           context_size: int | None = None) -> EmbeddingConfig:
+                           context_size: int | None = None, origin: str | None = None) -> EmbeddingConfig:
     """What the sentence-transformers files of a checkpoint say (modules.json, 1_Pooling,
     2_Normalize, sentence_bert_config.json), or --pooling for a plain transformers checkpoint.
 
     `pooling` (--pooling) overrides the checkpoint's pooling; `context_size` (--context-size)
-    overrides max_seq_length, up to the encoder's position limit.
+    overrides max_seq_length, up to the encoder's position limit. `origin` (what the user pointed
+    at) names the checkpoint in messages.
     """
     hf_dir = Path(hf_dir)
+    where = origin or str(hf_dir)
     hidden = config.get("hidden_size") or config.get("dim") or config.get("d_model")
     if not isinstance(hidden, int):
-        raise UnsupportedModelError(f"{hf_dir}/config.json states no hidden_size: cannot size the embeddings")
+        raise UnsupportedModelError(f"{where}/config.json states no hidden_size: cannot size the embeddings")
     modes, normalize, source, lower = None, False, None, False
     modules_path = hf_dir / "modules.json"
     if modules_path.is_file():
@@ -156,15 +159,15 @@ def read_checkpoint_config(hf_dir: Path, config: dict, pooling: str | None = Non
             kind = str(m.get("type", "")).rsplit(".", 1)[-1]
             if kind not in _ST_MODULES:
                 raise UnsupportedModelError(
-                    f"{hf_dir} uses the sentence-transformers module {m.get('type')!r}, which this builder does not "
+                    f"{where} uses the sentence-transformers module {m.get('type')!r}, which this builder does not "
                     f"reproduce (supported: Transformer, Pooling, Normalize): choose another embedding model")
             if kind == "Transformer" and m.get("path", "") not in ("", "."):
-                raise UnsupportedModelError(f"{hf_dir}: the transformer lives in the sub-folder {m['path']!r}; "
+                raise UnsupportedModelError(f"{where}: the transformer lives in the sub-folder {m['path']!r}; "
                                             "point to that folder's checkpoint instead")
             if kind == "Pooling":
                 path = hf_dir / m.get("path", "1_Pooling") / "config.json"
                 if not path.is_file():
-                    raise SourceError(f"{hf_dir}: modules.json lists a Pooling module but {path} is missing")
+                    raise SourceError(f"{where}: modules.json lists a Pooling module but {path.relative_to(hf_dir)} is missing")
                 modes, source = pooling_modes(_read_json(path)), f"{m.get('path', '1_Pooling')}/config.json"
             normalize = normalize or kind == "Normalize"
         st_path = hf_dir / "sentence_bert_config.json"
@@ -178,15 +181,16 @@ def read_checkpoint_config(hf_dir: Path, config: dict, pooling: str | None = Non
         modes, source = (POOLING_ALIASES[pooling],), "--pooling"
     if modes is None:
         raise UnsupportedModelError(
-            f"{hf_dir} is a plain transformers checkpoint (no modules.json or 1_Pooling/config.json), so it does not "
+            f"{where} is a plain transformers checkpoint (no modules.json or 1_Pooling/config.json), so it does not "
             "say how to pool token embeddings: pass --pooling mean, cls or last (mean suits most BERT-family models)")
-    max_length = model_max_length(hf_dir, config)
     if context_size is not None:
         usable = usable_positions(config)
         if usable is not None and context_size > usable:
             raise UnsupportedModelError(f"context size {context_size} exceeds the encoder's {usable} usable positions: "
                                         f"use --context-size {usable} or less")
         max_length = context_size
+    else:
+        max_length = model_max_length(hf_dir, config, where)
     pad = config.get("pad_token_id")
     return EmbeddingConfig(max_length=max_length, pooling=modes, normalize=normalize, hidden_size=hidden,
                            do_lower_case=lower, pad_id=int(pad) if isinstance(pad, int) else 0,
@@ -236,6 +240,11 @@ class EmbeddingTokenizer:
         self.tokenizer = tokenizer
         tokenizer.no_padding()
         tokenizer.no_truncation()
+        if config.do_lower_case:  # as sentence-transformers does: a Lowercase normalizer in front
+            from tokenizers import normalizers
+
+            current = tokenizer.normalizer
+            tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([current] if current else []))
         self._truncating = tokenizer.__class__.from_str(tokenizer.to_str())
         self._truncating.enable_truncation(max_length=config.max_length)
 
@@ -251,8 +260,6 @@ class EmbeddingTokenizer:
         max_length is truncated where its flag is true and refused where it is false."""
         if isinstance(truncate, bool):
             truncate = [truncate] * len(texts)
-        if self.config.do_lower_case:
-            texts = [t.lower() for t in texts]
         strict = [i for i, t in enumerate(truncate) if not t]
         encodings = self._truncating.encode_batch(list(texts))
         if strict:
@@ -282,20 +289,30 @@ def pad_encodings(encodings, config: EmbeddingConfig) -> dict[str, np.ndarray]:
 
 # -- the encoder: length-sorted chunks over every text of a dynamic batch --------------------------
 
-def plan_chunks(lengths: Sequence[int], max_texts: int = CHUNK_TEXTS, max_tokens: int = CHUNK_TOKENS) -> list[list[int]]:
-    """Group row indices into encoder calls: sorted by length (little padding), at most max_texts
-    rows and max_tokens padded tokens per call (bounded memory, whatever the batch)."""
+def plan_chunks(lengths: Sequence[int], max_texts: int = CHUNK_TEXTS, max_tokens: int = CHUNK_TOKENS,
+                call_cost: int = CHUNK_CALL_COST) -> list[list[int]]:
+    """Group row indices into encoder calls with the least padded work: rows sorted by length,
+    then cut where a cut saves more padding than a call costs (`call_cost`, in tokens), with at
+    most max_texts rows and max_tokens padded tokens per call (bounded memory, whatever the batch).
+    Exact dynamic programming over the sorted rows: O(n * max_texts)."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    for i in order:  # ascending: the row being added is the longest of its chunk
-        if current and (len(current) >= max_texts or max(lengths[i], 1) * (len(current) + 1) > max_tokens):
-            chunks.append(current)
-            current = []
-        current.append(i)
-    if current:
-        chunks.append(current)
-    return chunks
+    padded = [max(lengths[i], 1) for i in order]
+    best = [0] + [None] * len(order)     # best[j]: least cost of the first j sorted rows
+    start = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j, 0, -1):        # last call = sorted rows i-1 .. j-1, padded to padded[j-1]
+            rows = j - i + 1
+            if rows > 1 and (rows > max_texts or rows * padded[j - 1] > max_tokens):
+                break
+            cost = best[i - 1] + rows * padded[j - 1] + call_cost
+            if best[j] is None or cost < best[j]:
+                best[j], start[j] = cost, i
+    chunks = []
+    j = len(order)
+    while j > 0:
+        chunks.append(order[start[j] - 1:j])
+        j = start[j] - 1
+    return chunks[::-1]
 
 
 def check_encoder_inputs(feeds: dict[str, np.ndarray | None]) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from backends.sampling import Sampling
 from builder.errors import RequestError
 
 log = logging.getLogger(__name__)
+
+STOP_KEY_TTL = 300.0
 
 # on_tokens(new_ids, final, finish_reason): finish_reason is "" until final, then stop|length|cancelled
 TokenCallback = Callable[[list[int], bool, str], None]
@@ -83,7 +86,7 @@ class ContinuousBatchingEngine:
         props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", **(properties or {})}
         self.pipeline = og.ContinuousBatchingPipeline(str(engine_dir), scheduler, "CPU", props)
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
-        self._stopped_keys: set[str] = set()
+        self._stopped_keys: dict[str, float] = {}  # key -> when `stop` arrived
         self._lock = threading.Lock()
         self._live: dict[int, _Live] = {}
         self._next_id = 0
@@ -110,19 +113,20 @@ class ContinuousBatchingEngine:
         self._queue.put(req)
 
     def stop(self, key: str) -> None:
-        """End the live or queued request with this key (tensorrtllm's `stop` input)."""
+        """End the live or queued request with this key (tensorrtllm's `stop` input). A key whose
+        request already ended is forgotten after STOP_KEY_TTL seconds."""
         if key:
+            now = time.monotonic()
             with self._lock:
-                self._stopped_keys.add(key)
+                self._stopped_keys[key] = now
+                for k in [k for k, t in self._stopped_keys.items() if now - t > STOP_KEY_TTL]:
+                    del self._stopped_keys[k]
 
     def _take_stop(self, key: str) -> bool:
         if not key:
             return False
         with self._lock:
-            if key in self._stopped_keys:
-                self._stopped_keys.discard(key)
-                return True
-        return False
+            return self._stopped_keys.pop(key, None) is not None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -136,8 +140,14 @@ class ContinuousBatchingEngine:
     def _config(self, req: GenerationRequest):
         cfg = self._og.GenerationConfig()
         cfg.max_new_tokens = req.max_new_tokens
-        cfg.eos_token_id = req.end_id
-        cfg.stop_token_ids = {req.end_id} | {s[0] for s in req.stop_sequences if len(s) == 1}
+        single = {s[0] for s in req.stop_sequences if len(s) == 1}
+        if req.end_id < 0:  # tensorrtllm's convention: end_id -1 never stops at an end token
+            cfg.ignore_eos = True
+            if single:
+                cfg.stop_token_ids = single
+        else:
+            cfg.eos_token_id = req.end_id
+            cfg.stop_token_ids = {req.end_id} | single
         s = req.sampling
         if s.greedy:
             cfg.do_sample = False

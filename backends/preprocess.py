@@ -89,9 +89,11 @@ def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> di
     sampling = check_sampling(req.top_k, req.top_p, req.temperature, req.random_seed)
     stop = [utf8(w, "stop_words") for w in req.stop_words if w]
     bad = [utf8(w, "bad_words") for w in req.bad_words if w]
-    for name, value in (("end_id", req.end_id), ("pad_id", req.pad_id)):
-        if value is not None and not 0 <= value < tok.tokenizer.get_vocab_size(with_added_tokens=True):
-            raise RequestError(f"{name} {value} is not a token id of this model")
+    vocab = tok.tokenizer.get_vocab_size(with_added_tokens=True)
+    if req.end_id is not None and not (req.end_id == -1 or 0 <= req.end_id < vocab):
+        raise RequestError(f"end_id {req.end_id} is not a token id of this model (-1: never stop at an end token)")
+    if req.pad_id is not None and not 0 <= req.pad_id < vocab:
+        raise RequestError(f"pad_id {req.pad_id} is not a token id of this model")
 
     def one(value, dtype):
         return np.array([value], dtype=dtype)

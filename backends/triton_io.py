@@ -66,8 +66,10 @@ def tensors(values: dict[str, np.ndarray], batch: bool = True) -> list:
     return [pb_utils.Tensor(k, v[np.newaxis, ...] if batch else v) for k, v in values.items()]
 
 
-def error_response(message: str):
-    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message))
+def error_response(message: str, internal: bool = False):
+    """A client mistake answers HTTP 400 / gRPC INVALID_ARGUMENT; `internal` answers 500 / INTERNAL."""
+    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
 def guarded(role: str, fn: Callable, *args):
@@ -78,7 +80,7 @@ def guarded(role: str, fn: Callable, *args):
         return error_response(str(e))
     except Exception as e:  # logged in full, answered briefly
         pb_utils.Logger.log_error(f"{role}: {traceback.format_exc()}")
-        return error_response(f"internal error in {role}: {type(e).__name__}: {e}")
+        return error_response(f"internal error in {role}: {type(e).__name__}: {e}", internal=True)
 
 
 def is_cancelled(request) -> bool:

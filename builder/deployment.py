@@ -34,6 +34,8 @@ from builder.precisions import DEFAULT_PRECISIONS
 KINDS = ("llm", "embedding")
 ENGINES = ("auto", "cpu", "tensorrt-llm")
 POOLINGS = ("mean", "cls", "last")
+# LLM: requests batched in flight per engine. Embedding: texts per request (Triton refuses more).
+DEFAULT_MAX_BATCH = {"llm": 8, "embedding": 64}
 
 
 @dataclass
@@ -43,7 +45,7 @@ class DeploymentSpec:
     source: str = "default"                 # path to HF dir / GGUF file, or "default"
     precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
     context_size: int | None = None         # None: the model's own position limit (LLM) / max length
-    max_batch_size: int = 8
+    max_batch_size: int | None = None      # None: 8 requests in flight (llm), 64 texts a request (embedding)
     engine: str = "auto"                    # resolved to "cpu" or "tensorrt-llm" before building
     pooling: str | None = None              # embedding: override when the checkpoint has no 1_Pooling
     # TensorRT-LLM only
@@ -64,6 +66,8 @@ class DeploymentSpec:
         self.precisions = list(dict.fromkeys(_check_precision(p) for p in self.precisions))
         if self.context_size is not None and self.context_size < 16:
             raise InvalidArgumentError(f"context size {self.context_size} is too small: use at least 16 tokens")
+        if self.max_batch_size is None:
+            self.max_batch_size = DEFAULT_MAX_BATCH[self.kind]
         if not 1 <= self.max_batch_size <= 256:
             raise InvalidArgumentError(f"max batch size {self.max_batch_size} is out of range: use 1 to 256")
         if self.pooling is not None and self.pooling not in POOLINGS:

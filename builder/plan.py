@@ -15,13 +15,19 @@ from builder.precisions import PRECISIONS
 from builder.sources.checkpoint import resolve
 
 
-def _cpu_plan(spec: DeploymentSpec, hf_dir: Path, context: int, cache_dir: Path) -> list[str]:
-    task = "text-generation-with-past" if spec.kind == "llm" else "feature-extraction"
-    lines = [f"# CPU (OpenVINO) build plan for {spec.name} ({spec.kind}, context {context}, "
-             f"max batch {spec.max_batch_size})",
+def _cpu_plan(spec: DeploymentSpec, ckpt, context: int, cache_dir: Path) -> list[str]:
+    if spec.kind == "llm":
+        args, ref, limit = "--task text-generation-with-past", "fp32", f"context {context}"
+    else:
+        from backends.embedding import read_checkpoint_config
+
+        config = read_checkpoint_config(ckpt.hf_dir, ckpt.config, spec.pooling, spec.context_size, ckpt.origin)
+        args = "--library transformers --task feature-extraction --disable-convert-tokenizer"
+        ref, limit = "encoder-fp32", f"max length {min(config.max_length, context)}, pooling {config.pooling}"
+    lines = [f"# CPU (OpenVINO) build plan for {spec.name} ({spec.kind}, {limit}, max batch {spec.max_batch_size})",
              "# 1. fp32 reference export, cached per checkpoint:",
-             f"optimum-cli export openvino --model {hf_dir} --task {task} --weight-format fp32 "
-             f"{Path(cache_dir) / 'engines'}/<checkpoint digest>-fp32"]
+             f"optimum-cli export openvino --model {ckpt.hf_dir} {args} --weight-format fp32 "
+             f"{Path(cache_dir) / 'engines'}/{ckpt.digest[:24]}-{ref}"]
     for i, precision in enumerate(spec.precisions, 2):
         dep = DeploymentName(spec.name, precision)
         p = PRECISIONS[precision]
@@ -40,10 +46,11 @@ def format_plan(specs: list[DeploymentSpec], output: Path, cache_dir: Path) -> s
         ckpt = resolve(spec.source, spec.kind, cache_dir)
         context = resolve_context_size(spec, ckpt)
         if engine == "tensorrt-llm":
-            from builder.engines import tensorrt_llm
+            from builder.engines import tensorrt_encoder, tensorrt_llm
 
-            out.append(tensorrt_llm.format_plan(spec, ckpt.hf_dir, Path(output)).rstrip("\n"))
+            target = tensorrt_llm if spec.kind == "llm" else tensorrt_encoder
+            out.append(target.format_plan(spec, ckpt.hf_dir, Path(output)).rstrip("\n"))
         else:
-            out.append("\n".join(_cpu_plan(spec, ckpt.hf_dir, context, cache_dir)))
+            out.append("\n".join(_cpu_plan(spec, ckpt, context, cache_dir)))
     out.append(f"# repository: {output} (written atomically; manifest.json last)")
     return "\n\n".join(out) + "\n"

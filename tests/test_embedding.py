@@ -73,13 +73,20 @@ def test_truncate_false_refuses_naming_the_text_and_its_length(tokenizer):
     assert tokenizer.encode(["word " * 254], truncate=False)["input_ids"].shape == (1, 256)
 
 
-def test_lowercasing_when_the_model_asks(config):
-    from tokenizers import Tokenizer
+def test_lowercasing_when_the_model_asks(config, tmp_path):
+    """do_lower_case (sentence_bert_config.json) puts a Lowercase normalizer in front, as
+    sentence-transformers does: shown on a tokenizer that keeps case by itself."""
+    from tokenizers import Tokenizer, normalizers
 
-    cased = emb.EmbeddingTokenizer(Tokenizer.from_file(str(MODEL / "tokenizer.json")),
+    cased = Tokenizer.from_file(str(MODEL / "tokenizer.json"))
+    cased.normalizer = normalizers.NFC()
+    (tmp_path / "tokenizer.json").write_text(cased.to_str())
+    plain = emb.EmbeddingTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")), config)
+    lower = emb.EmbeddingTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")),
                                    emb.EmbeddingConfig(**{**config.__dict__, "do_lower_case": True}))
-    assert cased.config.do_lower_case
-    np.testing.assert_array_equal(cased.encode(["HELLO"])["input_ids"], cased.encode(["hello"])["input_ids"])
+    assert (plain.encode(["HELLO"])["input_ids"] != plain.encode(["hello"])["input_ids"]).any()
+    np.testing.assert_array_equal(lower.encode(["HELLO World"], truncate=False)["input_ids"],
+                                  lower.encode(["hello world"])["input_ids"])
 
 
 # -- request validation ------------------------------------------------------------------------
@@ -122,6 +129,16 @@ def test_plan_chunks_bounds_every_call():
     for c in chunks:
         assert len(c) <= 16 and (len(c) == 1 or max(lengths[i] for i in c) * len(c) <= 1024)
         assert [lengths[i] for i in c] == sorted(lengths[i] for i in c)
+
+
+def test_plan_chunks_keeps_padding_low():
+    """Short texts are not padded to a long one's length; equal lengths share one call."""
+    lengths = [12] * 20 + [250, 240]
+    chunks = emb.plan_chunks(lengths, call_cost=16)
+    assert sorted(map(sorted, chunks)) == [list(range(20)), [20, 21]]
+    equal = emb.plan_chunks([7] * 100, max_texts=32)
+    assert len(equal) == 4 and all(len(c) <= 32 for c in equal)
+    assert emb.plan_chunks([]) == []
 
 
 def test_encode_batches_merges_requests_and_puts_rows_back():

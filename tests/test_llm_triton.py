@@ -196,8 +196,9 @@ def test_invalid_utf8_is_refused(llm_server):
         text.set_data_from_numpy(np.array([[b"\xff\xfe\xfa caf\xe9"]], dtype=object))
         mt = httpclient.InferInput("max_tokens", [1, 1], "INT32")
         mt.set_data_from_numpy(np.array([[8]], dtype=np.int32))
-        with pytest.raises(Exception, match="not valid UTF-8"):
+        with pytest.raises(Exception, match="not valid UTF-8") as e:
             c.infer(names("int8").llm, [text, mt])
+        assert e.value.status() == "400", "a client mistake must not be a server error"
     assert_healthy(llm_server)
 
 

@@ -2,7 +2,7 @@
 
 The fp32 IR (optimum-intel's `feature-extraction` export of the transformer: token embeddings out)
 is the reference; fp16 / int8 / fp8 are derived from it exactly as for LLMs
-(builder.engines.openvino_llm.derive: compress_to_fp16, nncf INT8_ASYM, nncf FP8_E4M3). Pooling and
+(builder.engines.openvino_common.derive: compress_to_fp16, nncf INT8_ASYM, nncf FP8_E4M3). Pooling and
 normalization are not part of the engine: the Triton pooling model applies what the checkpoint's
 sentence-transformers files say (backends/embedding.py), and so does the accuracy check here, which
 compares pooled, normalized embeddings of a fixed set of sentences with the fp32 reference's.
@@ -11,18 +11,14 @@ compares pooled, normalized embeddings of a fixed set of sentences with the fp32
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from backends import embedding as emb
 from builder import repository
-from builder.engines import openvino_llm as ov_llm
-from builder.errors import BuildError
+from builder.engines import openvino_common as ov_common
 from builder.naming import DeploymentName
 from builder.precisions import PRECISIONS
 from builder.sources.checkpoint import Checkpoint
@@ -105,34 +101,17 @@ ACCURACY_SENTENCES = _PROSE + _OTHER + (
 _reference_embeddings: dict[tuple[str, str], np.ndarray] = {}
 
 
-def quantization_of(precision: str) -> str:
-    return ov_llm.quantization_of(precision)
-
-
 def export_reference(hf_dir: Path, out_dir: Path, log_path: Path) -> Path:
-    """optimum-intel's fp32 export of the encoder (a subprocess: torch's memory goes when it ends).
-    `--library transformers` for every checkpoint: the IR outputs token embeddings only, and
+    """`--library transformers` for every checkpoint: the IR outputs token embeddings only, and
     pooling stays ours whatever the checkpoint's sentence-transformers modules are."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(hf_dir),
-           "--library", "transformers", "--task", "feature-extraction", "--weight-format", "fp32",
-           "--disable-convert-tokenizer", str(tmp)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0 or not (tmp / ov_llm.MODEL_XML).exists():
-        tail = " | ".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-3:])
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BuildError(f"the OpenVINO export of {hf_dir} failed ({tail}); full log: {log_path}")
-    os.replace(tmp, out_dir)
-    return out_dir
+    return ov_common.export_fp32(hf_dir, out_dir, log_path, ["--library", "transformers", "--task",
+                                                             "feature-extraction", "--disable-convert-tokenizer"])
 
 
 def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
     """The fp32 encoder export of a checkpoint, made once and kept in the cache."""
     ref = Path(cache_dir) / "engines" / f"{ckpt.digest[:24]}-encoder-fp32"
-    if not (ref / ov_llm.MODEL_XML).exists():
+    if not (ref / ov_common.MODEL_XML).exists():
         ref.parent.mkdir(parents=True, exist_ok=True)
         with step("exporting the fp32 encoder with optimum-intel (about 30 s for 22M parameters)"):
             export_reference(ckpt.hf_dir, ref, ref.with_suffix(".log"))
@@ -142,26 +121,22 @@ def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
 def encoder_inputs(engine_dir: Path) -> tuple[str, ...]:
     import openvino as ov
 
-    model = ov.Core().read_model(Path(engine_dir) / ov_llm.MODEL_XML)
+    model = ov.Core().read_model(Path(engine_dir) / ov_common.MODEL_XML)
     return tuple(i.get_any_name() for i in model.inputs)
 
 
 def embeddings_of(engine_dir: Path, tokenizer: emb.EmbeddingTokenizer, compute: str,
                   sentences=ACCURACY_SENTENCES) -> np.ndarray:
     """Pooled (and normalized, if the model says so) embeddings of `sentences` from one engine."""
-    encoder = emb.OpenVinoEncoder(Path(engine_dir) / ov_llm.MODEL_XML, compute)
+    encoder = emb.OpenVinoEncoder(Path(engine_dir) / ov_common.MODEL_XML, compute)
     return emb.embed(list(sentences), tokenizer, encoder)
 
 
 def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
     """The floor this precision must meet; raises BuildError (engine not published) below it."""
     p = PRECISIONS[precision]
-    floor = {"min_cosine": p.embedding_min_cosine, "mean_cosine": p.embedding_mean_cosine}
-    failed = [f"{k} {figures[k]:.6f} < {v}" for k, v in floor.items() if figures[k] < v]
-    if failed:
-        raise BuildError(f"the {precision} encoder misses its accuracy floor against fp32 ({', '.join(failed)}): "
-                         "it was not published; choose another precision or check the checkpoint")
-    return floor
+    return ov_common.enforce_floor("encoder", precision, figures,
+                                   {"min_cosine": p.embedding_min_cosine, "mean_cosine": p.embedding_mean_cosine})
 
 
 def measure_accuracy(reference: Path, engine_dir: Path, tokenizer: emb.EmbeddingTokenizer, precision: str) -> dict:
@@ -183,7 +158,7 @@ def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int
         "target": "cpu",
         "format": "openvino-ir",
         "version": f"openvino {ov.__version__.split('-')[0]}",
-        "quantization": quantization_of(precision),
+        "quantization": ov_common.quantization_of(precision),
         "compute": COMPUTE[precision],
         "context_size": config.max_length,
         "max_batch_size": max_batch_size,
@@ -202,14 +177,14 @@ def build_deployment(spec, precision: str, ckpt: Checkpoint, context: int, stagi
     --context-size the max length is the checkpoint's own (sentence_bert_config.json max_seq_length).
     """
     dep = DeploymentName(spec.name, precision)
-    config = emb.read_checkpoint_config(ckpt.hf_dir, ckpt.config, spec.pooling, spec.context_size)
+    config = emb.read_checkpoint_config(ckpt.hf_dir, ckpt.config, spec.pooling, spec.context_size, ckpt.origin)
     config = dataclasses.replace(config, max_length=min(config.max_length, context))
     reference = reference_ir(ckpt, cache_dir, step)
     config = dataclasses.replace(config, encoder_inputs=encoder_inputs(reference))
     work = staging / ".work" / dep.embedding_encoder
     shutil.rmtree(work, ignore_errors=True)
-    with step(f"deriving the {precision} encoder ({quantization_of(precision)})"):
-        ov_llm.derive(reference, precision, work)
+    with step(f"deriving the {precision} encoder ({ov_common.quantization_of(precision)})"):
+        ov_common.derive(reference, precision, work)
     from tokenizers import Tokenizer
 
     tokenizer = emb.EmbeddingTokenizer(Tokenizer.from_file(str(Path(ckpt.hf_dir) / "tokenizer.json")), config)

@@ -8,19 +8,13 @@ fp8 e4m3 weights (nncf FP8_E4M3). All compute at f32 at run time.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from builder.errors import BuildError
+from builder.engines.openvino_common import (MODEL_BIN, MODEL_XML, derive, enforce_floor, export_fp32,  # noqa: F401
+                                             quantization_of)
 from builder.precisions import PRECISIONS
-
-MODEL_XML = "openvino_model.xml"
-MODEL_BIN = "openvino_model.bin"
 
 # A fixed, varied text for the teacher-forced accuracy figure (prose, numbers, code, dialogue).
 ACCURACY_TEXT = (
@@ -42,59 +36,9 @@ ACCURACY_TEXT = (
 )
 
 
-def quantization_of(precision: str) -> str:
-    return PRECISIONS[precision].openvino
-
-
 def export_reference(hf_dir: Path, out_dir: Path, log_path: Path) -> Path:
-    """optimum-intel's fp32 export (a subprocess: torch's memory goes when it ends)."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino",
-           "--model", str(hf_dir), "--task", "text-generation-with-past", "--weight-format", "fp32",
-           str(tmp)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode != 0 or not (tmp / MODEL_XML).exists():
-        tail = " | ".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-3:])
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise BuildError(f"the OpenVINO export of {hf_dir} failed ({tail}); full log: {log_path}")
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def derive(reference: Path, precision: str, out_dir: Path) -> Path:
-    """Write the engine of one precision from the fp32 reference IR."""
-    import openvino as ov
-
-    out_dir.mkdir(parents=True)
-    for f in reference.iterdir():  # tokenizer IRs, configs: identical for every precision
-        if f.is_file() and f.name not in (MODEL_XML, MODEL_BIN):
-            _link_or_copy(f, out_dir / f.name)
-    if precision == "fp32":
-        for name in (MODEL_XML, MODEL_BIN):
-            _link_or_copy(reference / name, out_dir / name)
-        return out_dir
-    model = ov.Core().read_model(reference / MODEL_XML)
-    if precision == "fp16":
-        ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=True)
-        return out_dir
-    import nncf
-
-    if precision == "int8":
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
-    else:  # fp8 per output channel: nncf's default groups of 128 fail on layers narrower than that
-        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.FP8_E4M3, group_size=-1, ratio=1.0)
-    ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
-    return out_dir
+    """The stateful fp32 export, with OpenVINO tokenizers (openvino-genai's pipeline reads them)."""
+    return export_fp32(hf_dir, out_dir, log_path, ["--task", "text-generation-with-past"])
 
 
 def teacher_forced_logits(engine_dir: Path, ids: list[int]) -> np.ndarray:
@@ -122,12 +66,8 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
 def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
     """The floor this precision must meet; raises BuildError (engine not published) below it."""
     p = PRECISIONS[precision]
-    floor = {"top1_agreement": p.llm_min_top1, "mean_logit_cosine": p.llm_min_cosine}
-    failed = [f"{k} {figures[k]:.4f} < {v}" for k, v in floor.items() if figures[k] < v]
-    if failed:
-        raise BuildError(f"the {precision} engine misses its accuracy floor against fp32 ({', '.join(failed)}): "
-                         "it was not published; choose another precision or check the checkpoint")
-    return floor
+    return enforce_floor("engine", precision, figures,
+                         {"top1_agreement": p.llm_min_top1, "mean_logit_cosine": p.llm_min_cosine})
 
 
 def engine_info(precision: str, context_size: int, max_batch_size: int) -> dict:

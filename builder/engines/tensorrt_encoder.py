@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from builder.deployment import DeploymentSpec
-from builder.engines.gpu import GpuInfo, host_gpu, tensorrt_version
+from builder.engines.gpu import GpuInfo, tensorrt_version
 from builder.engines.tensorrt_llm import (DEFAULT_CALIBRATION_TEXTS, ApiCall, Step, _kwargs_src, _run_step,
                                           _template_env, prepare_gpu_build, read_hf_config)
 from builder.errors import BuildError, InvalidArgumentError, UnsupportedModelError

@@ -8,13 +8,6 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.embedding import TOKEN_EMBEDDINGS, OpenVinoEncoder, check_encoder_inputs, encode_batches
-from builder.errors import RequestError
-
-
-def _refused(e: RequestError):
-    """A client mistake: Triton answers 400 (HTTP) / INVALID_ARGUMENT (gRPC), not 500."""
-    error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class TritonPythonModel:
@@ -26,10 +19,7 @@ class TritonPythonModel:
         self.inputs = [t["name"] for t in json.loads(args["model_config"])["input"]]
 
     def _checked(self, r):
-        try:
-            return check_encoder_inputs({name: io.array(r, name) for name in self.inputs})
-        except RequestError as e:
-            return _refused(e)
+        return check_encoder_inputs({name: io.array(r, name) for name in self.inputs})
 
     def execute(self, requests):
         responses = [io.guarded("embedding encoder", self._checked, r) for r in requests]

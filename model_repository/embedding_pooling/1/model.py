@@ -7,13 +7,6 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.embedding import EMBEDDING, TOKEN_EMBEDDINGS, EmbeddingConfig, sentence_embeddings
-from builder.errors import RequestError
-
-
-def _refused(e: RequestError):
-    """A client mistake: Triton answers 400 (HTTP) / INVALID_ARGUMENT (gRPC), not 500."""
-    error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class TritonPythonModel:
@@ -21,10 +14,7 @@ class TritonPythonModel:
         self.config = EmbeddingConfig.load(Path(args["model_repository"]) / args["model_version"])
 
     def _one(self, r):
-        try:
-            vectors = sentence_embeddings(io.array(r, TOKEN_EMBEDDINGS), io.array(r, "attention_mask"), self.config)
-        except RequestError as e:
-            return _refused(e)
+        vectors = sentence_embeddings(io.array(r, TOKEN_EMBEDDINGS), io.array(r, "attention_mask"), self.config)
         return pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDING, vectors)])
 
     def execute(self, requests):

@@ -7,13 +7,6 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.embedding import TEXT, TRUNCATE, EmbeddingTokenizer, decode_texts, truncate_flags
-from builder.errors import RequestError
-
-
-def _refused(e: RequestError):
-    """A client mistake: Triton answers 400 (HTTP) / INVALID_ARGUMENT (gRPC), not 500."""
-    error = pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG)
-    return pb_utils.InferenceResponse(output_tensors=[], error=error)
 
 
 class TritonPythonModel:
@@ -22,11 +15,8 @@ class TritonPythonModel:
         self.tokenizer = EmbeddingTokenizer.load(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
 
     def _one(self, r):
-        try:
-            texts = decode_texts(io.strings(r, TEXT), self.max_texts)
-            feeds = self.tokenizer.encode(texts, truncate_flags(io.array(r, TRUNCATE), len(texts)))
-        except RequestError as e:
-            return _refused(e)
+        texts = decode_texts(io.strings(r, TEXT), self.max_texts)
+        feeds = self.tokenizer.encode(texts, truncate_flags(io.array(r, TRUNCATE), len(texts)))
         return pb_utils.InferenceResponse(io.tensors(feeds, batch=False))
 
     def execute(self, requests):

@@ -47,7 +47,7 @@ class TritonPythonModel:
             if reason == "cancelled":
                 pb_utils.Logger.log_info(f"engine: request {key or '(no id)'} cancelled by the client")
             if reason == "error":
-                sender.send(io.error_response("the engine failed on this request; retry it"), flags=FINAL)
+                sender.send(io.error_response("the engine failed on this request; retry it", internal=True), flags=FINAL)
                 return
             out = np.asarray(new_ids, dtype=np.int32).reshape(1, 1, -1)
             response = pb_utils.InferenceResponse([
@@ -83,7 +83,8 @@ class TritonPythonModel:
                 r.get_response_sender().send(io.error_response(str(e)), flags=FINAL)
             except Exception as e:
                 pb_utils.Logger.log_error(f"engine: {e!r}")
-                r.get_response_sender().send(io.error_response(f"internal error in engine: {e}"), flags=FINAL)
+                r.get_response_sender().send(io.error_response(f"internal error in engine: {e}", internal=True),
+                                             flags=FINAL)
         return None
 
     def finalize(self):

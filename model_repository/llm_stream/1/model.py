@@ -98,7 +98,8 @@ class TritonPythonModel:
         except Exception as e:
             pb_utils.Logger.log_error(f"stream: {e!r}")
             try:
-                sender.send(io.error_response(f"internal error in stream: {type(e).__name__}: {e}"), flags=FINAL)
+                sender.send(io.error_response(f"internal error in stream: {type(e).__name__}: {e}", internal=True),
+                            flags=FINAL)
             except Exception:
                 pass  # the client is gone
 

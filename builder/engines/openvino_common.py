@@ -1,0 +1,80 @@
+"""What both OpenVINO builders (LLM and encoder) share: the optimum-intel fp32 export, deriving
+one precision's weights from it, and refusing an engine below its accuracy floor."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from builder.errors import BuildError
+from builder.precisions import PRECISIONS
+
+MODEL_XML = "openvino_model.xml"
+MODEL_BIN = "openvino_model.bin"
+
+
+def quantization_of(precision: str) -> str:
+    return PRECISIONS[precision].openvino
+
+
+def export_fp32(hf_dir: Path, out_dir: Path, log_path: Path, export_args: list[str]) -> Path:
+    """optimum-intel's fp32 export (a subprocess: torch's memory goes when it ends), written
+    atomically into out_dir."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "optimum.commands.optimum_cli", "export", "openvino", "--model", str(hf_dir),
+           *export_args, "--weight-format", "fp32", str(tmp)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0 or not (tmp / MODEL_XML).exists():
+        tail = " | ".join(Path(log_path).read_text(errors="replace").strip().splitlines()[-3:])
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise BuildError(f"the OpenVINO export of {hf_dir} failed ({tail}); full log: {log_path}")
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def derive(reference: Path, precision: str, out_dir: Path) -> Path:
+    """Write the engine of one precision from the fp32 reference IR."""
+    import openvino as ov
+
+    out_dir.mkdir(parents=True)
+    for f in reference.iterdir():  # tokenizer IRs, configs: identical for every precision
+        if f.is_file() and f.name not in (MODEL_XML, MODEL_BIN):
+            _link_or_copy(f, out_dir / f.name)
+    if precision == "fp32":
+        for name in (MODEL_XML, MODEL_BIN):
+            _link_or_copy(reference / name, out_dir / name)
+        return out_dir
+    model = ov.Core().read_model(reference / MODEL_XML)
+    if precision == "fp16":
+        ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=True)
+        return out_dir
+    import nncf
+
+    if precision == "int8":
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    else:  # fp8 per output channel: nncf's default groups of 128 fail on layers narrower than that
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.FP8_E4M3, group_size=-1, ratio=1.0)
+    ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)
+    return out_dir
+
+
+def enforce_floor(what: str, precision: str, figures: dict[str, float], floor: dict[str, float]) -> dict:
+    """Raise BuildError (the engine is not published) when a figure is below its floor."""
+    failed = [f"{k} {figures[k]:.6f} < {v}" for k, v in floor.items() if figures[k] < v]
+    if failed:
+        raise BuildError(f"the {precision} {what} misses its accuracy floor against fp32 ({', '.join(failed)}): "
+                         "it was not published; choose another precision or check the checkpoint")
+    return floor
