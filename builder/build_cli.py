@@ -79,4 +79,5 @@ def build_engines(source, name, kind, precision, context_size, max_batch_size, e
     if push:
         from builder.storage import push as push_repository
 
-        push_repository(result.output, push, endpoint_url=endpoint_url)
+        report = push_repository(result.output, push, endpoint_url=endpoint_url)
+        click.echo(report.summary())

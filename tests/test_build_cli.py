@@ -120,3 +120,17 @@ def test_dry_run_prints_the_plan_and_builds_nothing(tmp_path, build_cache):
     assert result.exit_code == 0, result.output
     assert "INT8_ASYM" in result.output and "FP8_E4M3" in result.output and "optimum-cli export openvino" in result.output
     assert not out.exists()
+
+
+def test_build_and_push_then_pull_gives_the_same_repository(tmp_path, tiny_llama, build_cache, s3_env, s3_bucket):
+    from builder import storage
+    from builder.manifest import read_manifest, verify_files
+
+    out, url = tmp_path / "repo", f"s3://{s3_bucket}/llm"
+    result = run(str(tiny_llama), "--name", "t", "--precision", "fp32", "--context-size", "256", "-o", str(out),
+                 "--cache-dir", str(build_cache), "--push", url, "--endpoint-url", s3_env.endpoint)
+    assert result.exit_code == 0, result.output
+    pulled = tmp_path / "pulled"
+    storage.pull(url, pulled, endpoint_url=s3_env.endpoint, quiet=True)
+    entry = read_manifest(pulled)["deployments"]["t:fp32"]
+    assert entry == read_manifest(out)["deployments"]["t:fp32"] and verify_files(pulled, entry) == []
