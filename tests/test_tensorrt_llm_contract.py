@@ -432,7 +432,8 @@ def test_tensorrt_encoder_config_and_plan(precision, tmp_path):
     trtexec = steps[-1].argv
     assert trtexec[0] == "trtexec" and f"--saveEngine={model_dir / '1' / enc.PLAN_NAME}" in trtexec
     shapes = {a.split("=")[0]: a.split("=")[1] for a in trtexec if a.startswith(("--minShapes", "--optShapes", "--maxShapes"))}
-    assert shapes["--maxShapes"] == "input_ids:8x256,attention_mask:8x256,token_type_ids:8x256"
+    b = spec.max_batch_size  # the embedding default: texts per request
+    assert shapes["--maxShapes"] == f"input_ids:{b}x256,attention_mask:{b}x256,token_type_ids:{b}x256"
     assert shapes["--minShapes"].startswith("input_ids:1x1")
     assert ("--stronglyTyped" in trtexec) == (precision != "fp16") and ("--fp16" in trtexec) == (precision == "fp16")
     assert steps[0].argv[:3] == ("optimum-cli", "export", "onnx")
