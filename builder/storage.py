@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -264,15 +265,56 @@ def _walk(root: Path) -> tuple[list[str], list[str]]:
     return files, empty
 
 
-def scan_local(root: Path, *, workers: int = 4) -> RepositoryIndex:
+class HashCache:
+    """sha256 of local files remembered by (size, mtime_ns, ctime_ns, inode), as git's index does:
+    a file that did not change is not read again on the next push. Any write changes ctime, so a
+    stale digest is never reused; a lost or unreadable cache only costs re-hashing."""
+
+    MAX_ENTRIES = 200_000
+
+    def __init__(self, path: Path | None = None):
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "serverless-triton"
+        self.path = Path(path) if path else base / "file-hashes.json"
+        self._lock = threading.Lock()
+        try:
+            self.entries: dict[str, list] = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.entries = {}
+
+    def sha256(self, path: Path) -> str:
+        st = os.stat(path)
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        key = os.path.abspath(path)
+        hit = self.entries.get(key)
+        if isinstance(hit, list) and hit[:4] == stamp:
+            return hit[4]
+        digest = sha256_file(Path(path))
+        with self._lock:
+            self.entries[key] = stamp + [digest]
+        return digest
+
+    def save(self) -> None:
+        with self._lock:
+            entries = dict(list(self.entries.items())[-self.MAX_ENTRIES:])
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a cache: losing it costs time, not correctness
+
+
+def scan_local(root: Path, *, workers: int = 4, hashes: HashCache | None = None) -> RepositoryIndex:
     """Index of a local repository, hashing files in parallel (hashlib releases the GIL)."""
     root = Path(root)
     if not root.is_dir():
         raise InvalidArgumentError(f"{root} is not a directory: pass a model repository")
     files, dirs = _walk(root)
     check_layout(files, dirs, source=str(root))
+    digest = hashes.sha256 if hashes else sha256_file
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        digests = list(pool.map(lambda rel: sha256_file(root / rel), files))
+        digests = list(pool.map(lambda rel: digest(root / rel), files))
     entries = {rel: FileEntry(rel, (root / rel).stat().st_size, d) for rel, d in zip(files, digests, strict=True)}
     return RepositoryIndex(entries, dirs)
 
@@ -520,7 +562,8 @@ def _previous_index(client, loc: S3Location) -> RepositoryIndex | None:
 
 
 def _upload_changed(client, loc: S3Location, root: Path, files: list[str], state: _PushState,
-                    settings: TransferSettings, bar: "_Bar") -> tuple[list[FileEntry], dict[str, str]]:
+                    settings: TransferSettings, bar: "_Bar",
+                    hashes: HashCache) -> tuple[list[FileEntry], dict[str, str]]:
     """Hash every file, and upload each one the store lacks as soon as its hash is known.
 
     Returns (every file's entry, {path: ETag} of those already in the store). Hashing runs on its
@@ -529,7 +572,7 @@ def _upload_changed(client, loc: S3Location, root: Path, files: list[str], state
 
     def decide(rel: str) -> tuple[FileEntry, str | None]:
         path = root / rel
-        entry = FileEntry(rel, path.stat().st_size, sha256_file(path))
+        entry = FileEntry(rel, path.stat().st_size, hashes.sha256(path))
         return entry, state.etag_if_same(client, loc, entry)
 
     entries, same, uploads = [], {}, []
@@ -565,7 +608,7 @@ def _delete_stale(client, loc: S3Location, listing: dict, keep: set[str]) -> int
 
 def push(local_dir: Path, url: str, *, endpoint_url: str | None = None, quiet: bool = False,
          delete: bool = False, settings: TransferSettings | None = None,
-         progress: Progress | None = None) -> PushReport:
+         progress: Progress | None = None, hashes: HashCache | None = None) -> PushReport:
     """Upload a repository; files whose object already matches are skipped; the index goes last.
 
     `delete` removes objects below the prefix that the new index does not list (after writing it).
@@ -584,10 +627,12 @@ def push(local_dir: Path, url: str, *, endpoint_url: str | None = None, quiet: b
     with _translated("pushing to", loc, client):
         state = _PushState(_list(client, loc), _previous_index(client, loc))
         bar = _Bar(sum((root / rel).stat().st_size for rel in files), f"push {loc}", quiet, progress)
+        hashes = hashes or HashCache()
         try:
-            entries, same = _upload_changed(client, loc, root, files, state, settings, bar)
+            entries, same = _upload_changed(client, loc, root, files, state, settings, bar, hashes)
         finally:
             bar.close()
+            hashes.save()
         etags = {**{k: v[1] for k, v in _list(client, loc).items()}, **{loc.key(r): t for r, t in same.items()}}
         index = RepositoryIndex({e.path: FileEntry(e.path, e.size, e.sha256, etags.get(loc.key(e.path)))
                                  for e in entries}, dirs,

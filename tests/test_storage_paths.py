@@ -5,6 +5,7 @@ No object store here; tests/test_storage.py covers the real transfers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -232,3 +233,20 @@ def test_push_delete_at_a_bucket_root_is_refused(tmp_path):
 def test_push_of_a_missing_directory_is_refused(tmp_path):
     with pytest.raises(InvalidArgumentError, match="is not a directory"):
         storage.push(tmp_path / "nope", "s3://models/p", quiet=True)
+
+
+def test_hash_cache_reads_unchanged_files_once_and_notices_changes(tmp_path, monkeypatch):
+    calls = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda p: calls.append(p) or real(p))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"a" * 1000)
+    cache = storage.HashCache(tmp_path / "cache.json")
+    first = cache.sha256(f)
+    cache.save()
+    again = storage.HashCache(tmp_path / "cache.json")  # a later push, a new process
+    assert again.sha256(f) == first and len(calls) == 1
+    f.write_bytes(b"b" * 1000)  # same size, new content: ctime and mtime move
+    assert again.sha256(f) == hashlib.sha256(b"b" * 1000).hexdigest() and len(calls) == 2
+    (tmp_path / "cache.json").write_text("not json")
+    assert storage.HashCache(tmp_path / "cache.json").sha256(f) == again.sha256(f)  # a broken cache costs a re-read
