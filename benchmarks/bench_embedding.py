@@ -9,7 +9,6 @@ Run: .venv/bin/python -m pytest benchmarks/bench_embedding.py --benchmark-only -
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from netutil import free_ports
 from test_embedding_triton import varied_sentences
 
 NAME = "all-minilm-l6-v2"
@@ -25,12 +25,6 @@ CLIENTS = 8
 TEXTS_PER_REQUEST = 16
 SENTENCES = varied_sentences() * 2          # ~600 texts: prose, other scripts, emoji, code, 256-token texts
 RESULTS: dict[str, float] = {}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +38,7 @@ def server(tmp_path_factory):
     cache = Path.home() / ".cache" / "serverless-triton"          # the fp32 export is reused across runs
     build([DeploymentSpec(NAME, kind="embedding", precisions=PRECISIONS, max_batch_size=64)],
           BuildOptions(output=root / "repo", cache_dir=cache, echo=lambda _: None))
-    with TritonServer(root / "repo", Ports(_port(), _port(), _port()), log_path=root / "triton.log") as s:
+    with TritonServer(root / "repo", Ports(*free_ports(3)), log_path=root / "triton.log") as s:
         yield s
 
 

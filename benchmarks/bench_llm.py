@@ -8,12 +8,12 @@ Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_llm.py --benchma
 from __future__ import annotations
 
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from netutil import free_ports
 from llm_client import http_infer
 
 NEW_TOKENS = 128
@@ -21,12 +21,6 @@ PROMPTS = [f"<|im_start|>user\nWrite a long, detailed story about {topic}.<|im_e
            for topic in ("a lighthouse keeper", "a dragon who loves tea", "a lost robot", "the first city on Mars",
                          "a jazz musician", "a cat detective", "an old oak tree", "a time-travelling baker")]
 RESULTS: dict[str, float] = {}
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +33,7 @@ def server(tmp_path_factory):
     cache = Path.home() / ".cache" / "serverless-triton"
     build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=1024, max_batch_size=8)],
           BuildOptions(output=root / "repo", cache_dir=cache, echo=lambda _: None))
-    with TritonServer(root / "repo", Ports(_port(), _port(), _port()), log_path=root / "triton.log") as s:
+    with TritonServer(root / "repo", Ports(*free_ports(3)), log_path=root / "triton.log") as s:
         http_infer(s.http_url, "smollm2-135m-instruct-int8", text_input=PROMPTS[0], max_tokens=8)  # warm up
         yield s
 

@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from echo_models import ECHO_CONFIG, ECHO_MODEL
+from netutil import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS_PER_ROUND = 400
@@ -39,14 +39,6 @@ ROUNDS = 6
 TEXTS = {"echo": "hello world", "wait": "wait world"}
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.create_server(("127.0.0.1", 0)) for _ in range(n)]
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory):
     """{"direct": (http, grpc), "nginx": (http, grpc)} ports of one running serve, and its state dir."""
@@ -54,7 +46,7 @@ def endpoints(tmp_path_factory):
     (tmp / "repo" / "echo" / "1").mkdir(parents=True)
     (tmp / "repo" / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
     (tmp / "repo" / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
-    http_port, grpc_port, metrics_port = _free_ports(3)
+    http_port, grpc_port, metrics_port = free_ports(3)
     out = tmp / "serve.out"
     cmd = [sys.executable, "-c", "from builder.serve_cli import serve; serve()", "--repository", str(tmp / "repo"),
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),

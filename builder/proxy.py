@@ -37,6 +37,7 @@ from typing import Iterable, Iterator
 import jinja2
 
 from builder.errors import InvalidArgumentError, ProxyError
+from builder.processes import stop_process_group
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_STATE_ROOT = Path.home() / ".cache" / "serverless-triton"
@@ -456,19 +457,7 @@ class Proxy:
         proc, self.process = self.process, None
         if proc is None:
             return
-        for sig, wait in ((signal.SIGQUIT, grace), (signal.SIGTERM, 5.0)):
-            if proc.poll() is not None:
-                break
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # workers that outlived their master
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        stop_process_group(proc, ((signal.SIGQUIT, grace), (signal.SIGTERM, 5.0)))
         self.state.pid_file.unlink(missing_ok=True)
 
 

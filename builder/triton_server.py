@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.errors import ServeError
+from builder.processes import stop_process_group
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -192,22 +193,8 @@ class TritonServer:
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM, wait, then SIGKILL the whole process group: no orphan stubs."""
         proc, self.process = self.process, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # stubs that outlived the server
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        if proc is not None:
+            stop_process_group(proc, ((signal.SIGTERM, timeout),))
 
     def __enter__(self) -> "TritonServer":
         self.start()
