@@ -166,12 +166,17 @@ def test_scan_leaves_out_caches_and_our_own_index(tmp_path):
     assert index.dirs == ["ens/1"]
 
 
-def test_exchange_swaps_two_directories(tmp_path):
+def _two_dirs(tmp_path):
+    """Directories a and b holding a file f with "A" and "B"."""
     a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    (a / "f").write_text("A")
-    (b / "f").write_text("B")
+    for d, text in ((a, "A"), (b, "B")):
+        d.mkdir()
+        (d / "f").write_text(text)
+    return a, b
+
+
+def test_exchange_swaps_two_directories(tmp_path):
+    a, b = _two_dirs(tmp_path)
     storage.exchange(a, b)
     assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
 
@@ -182,11 +187,7 @@ def test_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
             raise OSError("no libc here")
 
     monkeypatch.setattr(storage.ctypes, "CDLL", NoRenameat2)
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    (a / "f").write_text("A")
-    (b / "f").write_text("B")
+    a, b = _two_dirs(tmp_path)
     storage.exchange(a, b)
     assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
