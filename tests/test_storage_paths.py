@@ -186,7 +186,7 @@ def test_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
         def __init__(self, *a, **k):
             raise OSError("no libc here")
 
-    monkeypatch.setattr(storage.ctypes, "CDLL", NoRenameat2)
+    monkeypatch.setattr(storage.pulling.ctypes, "CDLL", NoRenameat2)
     a, b = _two_dirs(tmp_path)
     storage.exchange(a, b)
     assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
@@ -238,8 +238,8 @@ def test_push_of_a_missing_directory_is_refused(tmp_path):
 
 def test_hash_cache_reads_unchanged_files_once_and_notices_changes(tmp_path, monkeypatch):
     calls = []
-    real = storage.sha256_file
-    monkeypatch.setattr(storage, "sha256_file", lambda p: calls.append(p) or real(p))
+    real = storage.index.sha256_file
+    monkeypatch.setattr(storage.index, "sha256_file", lambda p: calls.append(p) or real(p))
     f = tmp_path / "weights.bin"
     f.write_bytes(b"a" * 1000)
     cache = storage.HashCache(tmp_path / "cache.json")
