@@ -21,12 +21,9 @@ _reference_logits: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
 def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
     """The fp32 OpenVINO export of a checkpoint, made once and kept in the cache."""
-    ref = Path(cache_dir) / "engines" / f"{ckpt.digest[:24]}-fp32"
-    if not (ref / ov_llm.MODEL_XML).exists():
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        with step("exporting the fp32 reference with optimum-intel (about 30 s for 135M parameters)"):
-            ov_llm.export_reference(ckpt.hf_dir, ref, ref.with_suffix(".log"))
-    return ref
+    return ov_llm.cached_export(ckpt, cache_dir, "fp32", step,
+                                "exporting the fp32 reference with optimum-intel (about 30 s for 135M parameters)",
+                                ov_llm.export_reference)
 
 
 def accuracy_ids(hf_dir: Path) -> list[int]:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from builder.errors import BuildError
@@ -36,6 +37,18 @@ def export_fp32(hf_dir: Path, out_dir: Path, log_path: Path, export_args: list[s
         raise BuildError(f"the OpenVINO export of {hf_dir} failed ({tail}); full log: {log_path}")
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def cached_export(ckpt, cache_dir: Path, kind: str, step, label: str,
+                  export: Callable[[Path, Path, Path], Path]) -> Path:
+    """The fp32 export of a checkpoint (`<cache>/engines/<digest>-<kind>`), made once and reused by
+    every precision and every later build of the same checkpoint."""
+    ref = Path(cache_dir) / "engines" / f"{ckpt.digest[:24]}-{kind}"
+    if not (ref / MODEL_XML).exists():
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        with step(label):
+            export(ckpt.hf_dir, ref, ref.with_suffix(".log"))
+    return ref
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

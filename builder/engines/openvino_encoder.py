@@ -110,12 +110,9 @@ def export_reference(hf_dir: Path, out_dir: Path, log_path: Path) -> Path:
 
 def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
     """The fp32 encoder export of a checkpoint, made once and kept in the cache."""
-    ref = Path(cache_dir) / "engines" / f"{ckpt.digest[:24]}-encoder-fp32"
-    if not (ref / ov_common.MODEL_XML).exists():
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        with step("exporting the fp32 encoder with optimum-intel (about 30 s for 22M parameters)"):
-            export_reference(ckpt.hf_dir, ref, ref.with_suffix(".log"))
-    return ref
+    return ov_common.cached_export(ckpt, cache_dir, "encoder-fp32", step,
+                                   "exporting the fp32 encoder with optimum-intel (about 30 s for 22M parameters)",
+                                   export_reference)
 
 
 def encoder_inputs(engine_dir: Path) -> tuple[str, ...]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.engines.openvino_common import (MODEL_BIN, MODEL_XML, derive, enforce_floor, export_fp32,  # noqa: F401
-                                             quantization_of)
+from builder.engines.openvino_common import (MODEL_BIN, MODEL_XML, cached_export, derive, enforce_floor,  # noqa: F401
+                                             export_fp32, quantization_of)
 from builder.precisions import PRECISIONS
 
 # A fixed, varied text for the teacher-forced accuracy figure (prose, numbers, code, dialogue).
