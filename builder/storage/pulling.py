@@ -38,8 +38,6 @@ from builder.storage.s3 import (
     translated_errors,
 )
 
-# -------------------------------------------------------------------------------------- pull
-
 @dataclass
 class PullReport:
     url: str

@@ -32,8 +32,6 @@ from builder.storage.s3 import (
     translated_errors,
 )
 
-# -------------------------------------------------------------------------------------- push
-
 @dataclass
 class PushReport:
     url: str

@@ -16,8 +16,6 @@ from builder.storage.index import RepositoryIndex, parse_url, read_local_index
 from builder.storage.pulling import PullReport, pull
 from builder.storage.s3 import TransferSettings
 
-# ----------------------------------------------------------------------------------- refresh
-
 @dataclass
 class RefreshReport:
     pull: PullReport
