@@ -18,6 +18,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,17 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+SHM_DIR = Path("/dev/shm")
+
+
+def remove_shared_memory(prefix: str) -> int:
+    """Unlink the shared-memory regions named `prefix*`; returns how many were left over."""
+    left = list(SHM_DIR.glob(f"{prefix}*")) if prefix and SHM_DIR.is_dir() else []
+    for region in left:
+        region.unlink(missing_ok=True)
+    return len(left)
+
+
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux), so a
     killed `serve` cannot leave Triton and its stubs running."""
@@ -112,6 +124,9 @@ class TritonServer:
     extra_args: list[str] = field(default_factory=list)
     ready_timeout: float = 300.0            # seconds wait_ready() waits for every model
     process: subprocess.Popen | None = None
+    # Python-backend shared-memory regions (/dev/shm) of this server, named so stop() can remove
+    # the ones a crashed or killed server leaves behind.
+    shm_prefix: str = field(default_factory=lambda: f"serverless_triton_{uuid.uuid4().hex[:12]}_")
 
     @property
     def http_url(self) -> str:
@@ -132,6 +147,7 @@ class TritonServer:
             f"--grpc-address={self.address}", f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.address}", f"--metrics-port={self.ports.metrics}",
             "--exit-timeout-secs=15",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--log-verbose=0",
         ]
         for name in self.load_models if self.load_models is not None else ["*"]:
@@ -191,10 +207,12 @@ class TritonServer:
         return "run with a log file to see why"
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, wait, then SIGKILL the whole process group: no orphan stubs."""
+        """SIGTERM tritonserver (it finalizes its stubs), wait, then SIGKILL the whole process
+        group: no orphan stubs; then remove shared memory that a killed stub left behind."""
         proc, self.process = self.process, None
         if proc is not None:
-            stop_process_group(proc, ((signal.SIGTERM, timeout),))
+            stop_process_group(proc, ((signal.SIGTERM, timeout),), leader_only=True)
+            remove_shared_memory(self.shm_prefix)
 
     def __enter__(self) -> "TritonServer":
         self.start()

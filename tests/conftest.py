@@ -9,6 +9,28 @@ import pytest
 from netutil import free_port, free_ports  # noqa: F401  (tests import them from here)
 
 ROOT = Path(__file__).resolve().parent.parent
+LOG_TAIL_LINES = 40
+
+
+def _server_logs(item) -> list[Path]:
+    """Triton logs a failing test can see: its servers' log_path, and triton.log under its tmp_path."""
+    logs = [Path(v.log_path) for v in item.funcargs.values() if getattr(v, "log_path", None)]
+    tmp = item.funcargs.get("tmp_path")
+    if tmp is not None:
+        logs += sorted(Path(tmp).rglob("triton.log"))
+    return [p for p in dict.fromkeys(logs) if p.is_file()]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On a failure, attach the tail of the Triton logs: a stub that died (or a health check that
+    timed out) under CI load is only explained there, and CI keeps nothing else."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when == "call":
+        for log in _server_logs(item):
+            tail = log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            report.sections.append((f"triton log {log}", "\n".join(tail)))
 
 
 @pytest.fixture(scope="session")

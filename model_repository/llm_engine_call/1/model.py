@@ -1,12 +1,22 @@
-"""Engine call (not decoupled): the ensemble's way into the decoupled engine. Forwards one request
-in-process (BLS) with streaming off and returns its one answer, so plain `infer` and streaming
-share one engine instance and its weights."""
+"""Engine call (not decoupled): the ensemble's way into the decoupled engine. Forwards each request
+in-process (BLS) with streaming off and answers with its one result, so plain `infer` and streaming
+share one engine instance and its weights.
+
+One instance serves every request, each in its own thread, answering through its response sender
+(allowed for non-decoupled models too): `execute` returns at once. A blocking `execute` would need
+one stub process per request in flight, and Triton's health check of a stub that blocks for the
+length of a generation fails when the stub's health thread is starved for a second (seen in CI
+under load: "Stub process ... is not healthy").
+"""
+
+import threading
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 OUTPUTS = ["output_ids", "sequence_length"]
 
 
@@ -28,5 +38,15 @@ class TritonPythonModel:
             return io.error_response(f"{self.engine} returned no answer; retry the request")
         return pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(answer, n) for n in OUTPUTS])
 
+    def _run(self, r) -> None:
+        sender = r.get_response_sender()
+        response = io.guarded("engine call", self._one, r)
+        try:
+            sender.send(response, flags=FINAL)
+        except Exception as e:  # the client (or the ensemble) is gone
+            pb_utils.Logger.log_warn(f"engine call: answer not delivered: {e!r}")
+
     def execute(self, requests):
-        return [io.guarded("engine call", self._one, r) for r in requests]
+        for r in requests:
+            threading.Thread(target=self._run, args=(r,), daemon=True).start()
+        return None
