@@ -54,7 +54,9 @@ def _through_triton(url: str, model: str) -> int:
         data = np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1)
         text = httpclient.InferInput("text", list(data.shape), "BYTES")
         text.set_data_from_numpy(data)
-        return local.client.infer(model, [text]).as_numpy("embedding").shape[0]
+        # Binary output, as backends.embedding_client asks for it: JSON floats cost both ends CPU.
+        result = local.client.infer(model, [text], outputs=[httpclient.InferRequestedOutput("embedding")])
+        return result.as_numpy("embedding").shape[0]
 
     with ThreadPoolExecutor(CLIENTS) as pool:
         return sum(pool.map(one, requests))
