@@ -19,7 +19,7 @@ from pathlib import Path
 
 from builder import __version__
 from builder.deployment import DeploymentSpec
-from builder.errors import BuildError, InvalidArgumentError
+from builder.errors import InvalidArgumentError
 from builder.manifest import MANIFEST_NAME, checksums, digest_of, read_manifest, verify_files, write_manifest
 from builder.naming import DeploymentName
 from builder.sources.checkpoint import Checkpoint, max_positions, resolve
@@ -181,16 +181,17 @@ def build(specs: list[DeploymentSpec], opts: BuildOptions) -> BuildResult:
 
 def _build_spec(spec, ckpt, engine, context, pending, staging, manifest, opts) -> None:
     if spec.kind == "embedding":
-        from builder.engines import openvino_encoder
+        from builder.engines import openvino_encoder, tensorrt_encoder
 
-        if engine != "cpu":
-            raise BuildError("TensorRT encoder plans are not wired into the repository writer yet: see the plan "
-                             "with --dry-run, and build embeddings with --engine cpu for now")
         for precision, digest in pending:
             dep = DeploymentName(spec.name, precision)
             opts.echo(f"{dep}: building the {engine} encoder engine")
-            entry = openvino_encoder.build_deployment(spec, precision, ckpt, context, staging, opts.cache_dir,
-                                                      lambda label: _Step(opts.echo, label))
+            step = lambda label: _Step(opts.echo, label)  # noqa: E731
+            if engine == "cpu":
+                entry = openvino_encoder.build_deployment(spec, precision, ckpt, context, staging, opts.cache_dir,
+                                                          step)
+            else:
+                entry = tensorrt_encoder.build_deployment(spec, precision, ckpt, context, staging, step)
             _finish_entry(entry, dep, spec, ckpt, digest, staging)
             manifest["deployments"][str(dep)] = entry
         return

@@ -94,23 +94,34 @@ def write_llm_front(repo: Path, dep: DeploymentName, hf_dir: Path, max_batch_siz
 
 def write_embedding_models(repo: Path, dep: DeploymentName, hf_dir: Path, config, engine_dir: Path,
                            max_batch_size: int, compute: str) -> list[str]:
-    """Tokenize and pooling (shared by every precision of one name), the encoder (its engine files
-    move into `1/engine/`) and the ensemble users call. `config` is a backends.embedding.EmbeddingConfig."""
+    """The CPU encoder (its OpenVINO files move into `1/engine/`) and the pipeline around it.
+    `config` is a backends.embedding.EmbeddingConfig."""
     from backends import embedding as emb
     from builder.precisions import PRECISIONS
 
     io = emb.contract(config)
-    common = {"deployment": str(dep), "max_batch_size": max_batch_size}
+    encoder = write_model(repo, "embedding_encoder", dep.embedding_encoder, inputs=io["encoder"][0],
+                          outputs=io["encoder"][1], quantization=PRECISIONS[dep.precision].openvino,
+                          compute=compute, chunk_texts=emb.CHUNK_TEXTS, chunk_tokens=emb.CHUNK_TOKENS,
+                          deployment=str(dep), max_batch_size=max_batch_size)
+    shutil.move(str(engine_dir), str(encoder / "1" / "engine"))
+    return write_embedding_pipeline(repo, dep, hf_dir, config, max_batch_size, emb.TOKEN_EMBEDDINGS)
+
+
+def write_embedding_pipeline(repo: Path, dep: DeploymentName, hf_dir: Path, config, max_batch_size: int,
+                             encoder_output: str) -> list[str]:
+    """Tokenize and pooling (shared by every precision of one name) and the ensemble users call,
+    around the encoder model `dep.embedding_encoder` (CPU or TensorRT, already written) whose token
+    embeddings come out as `encoder_output` (`last_hidden_state` for a plain transformers export)."""
+    from backends import embedding as emb
+
+    io = emb.contract(config)
     shared = {"deployment": dep.name, "max_batch_size": max_batch_size}   # identical for every precision
     tokenize = write_model(repo, "embedding_tokenize", dep.embedding_tokenize, inputs=io["tokenize"][0],
                            outputs=io["tokenize"][1], max_length=config.max_length, **shared)
     (tokenize / "1" / "tokenizer").mkdir()
     shutil.copyfile(Path(hf_dir) / "tokenizer.json", tokenize / "1" / "tokenizer" / "tokenizer.json")
     config.save(tokenize / "1" / "tokenizer")
-    encoder = write_model(repo, "embedding_encoder", dep.embedding_encoder, inputs=io["encoder"][0],
-                          outputs=io["encoder"][1], quantization=PRECISIONS[dep.precision].openvino,
-                          compute=compute, chunk_texts=emb.CHUNK_TEXTS, chunk_tokens=emb.CHUNK_TOKENS, **common)
-    shutil.move(str(engine_dir), str(encoder / "1" / "engine"))
     pooling = write_model(repo, "embedding_pooling", dep.embedding_pooling, inputs=io["pooling"][0],
                           outputs=io["pooling"][1], pooling=" + ".join(config.pooling), normalize=config.normalize,
                           pooling_source=config.pooling_source, **shared)
@@ -121,11 +132,12 @@ def write_embedding_models(repo: Path, dep: DeploymentName, hf_dir: Path, config
         {"model": names["tokenize"], "inputs": {emb.TEXT: emb.TEXT, emb.TRUNCATE: emb.TRUNCATE},
          "outputs": {n: n for n in token_names}},
         {"model": names["encoder"], "inputs": {n: n for n in token_names},
-         "outputs": {emb.TOKEN_EMBEDDINGS: emb.TOKEN_EMBEDDINGS}},
+         "outputs": {encoder_output: emb.TOKEN_EMBEDDINGS}},
         {"model": names["pooling"], "inputs": {emb.TOKEN_EMBEDDINGS: emb.TOKEN_EMBEDDINGS,
                                                "attention_mask": "attention_mask"},
          "outputs": {emb.EMBEDDING: emb.EMBEDDING}},
     ]
     write_model(repo, "embedding", dep.embedding, with_code=False, inputs=io["ensemble"][0],
-                outputs=io["ensemble"][1], steps=steps, dimension=config.dimension, **common)
+                outputs=io["ensemble"][1], steps=steps, dimension=config.dimension, deployment=str(dep),
+                max_batch_size=max_batch_size)
     return dep.embedding_models()

