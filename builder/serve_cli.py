@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from builder.cli_base import Command
 from builder.deployment import load_deployment_file
 from builder.engines.tensorrt_llm import check_serving_host
 from builder.errors import InvalidArgumentError, ProxyError, ServeError
@@ -122,7 +123,7 @@ def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, 
     return internal, Proxy(state, layout, rules)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--repository", "-r", required=True,
               help="Model repository directory written by build-engines, or s3://BUCKET/PREFIX (pulled into "
                    "a local cache first; SIGHUP pulls again and reloads changed models).")
