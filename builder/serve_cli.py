@@ -15,7 +15,7 @@ import click
 
 from builder.cli_base import Command
 from builder.deployment import load_deployment_file
-from builder.engines.tensorrt_llm import check_serving_host
+from builder.engines.tensorrt_llm import check_serving_host, mpi_world
 from builder.errors import InvalidArgumentError, ProxyError, ServeError
 from builder.manifest import read_manifest
 from builder.proxy import AccessRules, Proxy, ProxyLayout, StateDir, default_state_dir, free_port
@@ -164,6 +164,7 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address,
     repo = pull_for_serve(repository, endpoint_url) if from_store else Path(repository)
     manifest = read_manifest(repo)
     check_serving_host(manifest)  # GPU engines only load on the GPU/TensorRT they were built for
+    world_size, rank_models = mpi_world(manifest)
     proxy = None
     if no_proxy:
         _refuse_rules_without_proxy(deployment, allowed_ips, trusted_proxies)
@@ -173,7 +174,7 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address,
                                       allowed_ips, trusted_proxies)
         ports = Ports(internal.http, internal.grpc, metrics_port)
     server = TritonServer(repo, ports, address=address, tritonserver=tritonserver, log_path=log_file,
-                          ready_timeout=timeout)
+                          ready_timeout=timeout, mpi_world_size=world_size, rank_models=rank_models)
 
     def announce() -> None:
         click.echo("ready")

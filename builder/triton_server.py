@@ -127,6 +127,10 @@ class TritonServer:
     # Python-backend shared-memory regions (/dev/shm) of this server, named so stop() can remove
     # the ones a crashed or killed server leaves behind.
     shm_prefix: str = field(default_factory=lambda: f"serverless_triton_{uuid.uuid4().hex[:12]}_")
+    # Tensor/pipeline parallel TensorRT-LLM engines: one tritonserver per MPI rank under mpirun;
+    # ranks above 0 load only `rank_models` and open no endpoint (tensorrt_llm.mpi_world).
+    mpi_world_size: int = 1
+    rank_models: list[str] = field(default_factory=list)
 
     @property
     def http_url(self) -> str:
@@ -138,21 +142,34 @@ class TritonServer:
 
     def command(self) -> list[str]:
         binary = Path(self.tritonserver) if self.tritonserver else bundled_tritonserver()
-        cmd = [
+        common = [
             str(binary),
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={backend_directory(self.cache_dir)}",
             "--model-control-mode=explicit",
+            "--exit-timeout-secs=15",
+            "--log-verbose=0",
+        ]
+        rank0 = common + [
             f"--http-address={self.address}", f"--http-port={self.ports.http}",
             f"--grpc-address={self.address}", f"--grpc-port={self.ports.grpc}",
             f"--metrics-address={self.address}", f"--metrics-port={self.ports.metrics}",
-            "--exit-timeout-secs=15",
-            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            "--log-verbose=0",
         ]
         for name in self.load_models if self.load_models is not None else ["*"]:
-            cmd.append(f"--load-model={name}")
-        return cmd + list(self.extra_args)
+            rank0.append(f"--load-model={name}")
+        rank0 += list(self.extra_args)
+        if self.mpi_world_size <= 1:
+            return rank0 + [f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"]
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            raise ServeError(f"this repository's TensorRT-LLM engines span {self.mpi_world_size} GPUs and need "
+                             "mpirun (OpenMPI, in the docker/Dockerfile.gpu image): install it or serve there")
+        cmd = [mpirun, "--allow-run-as-root"]
+        for rank in range(self.mpi_world_size):
+            args = rank0 if rank == 0 else common + [f"--load-model={m}" for m in self.rank_models] + [
+                "--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"]
+            cmd += ["-n", "1", *args, f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}{rank}_", ":"]
+        return cmd[:-1]
 
     def start(self) -> "TritonServer":
         if not Path(self.repository).is_dir():

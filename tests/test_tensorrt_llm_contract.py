@@ -710,3 +710,48 @@ def test_embedding_build_places_the_tensorrt_encoder(layout, tmp_path, monkeypat
     assert len(trtexec) == 2
     length = 256 if layout == "sentence-transformers" else 512
     assert all(f"input_ids:64x{length}" in " ".join(c) for c in trtexec)
+
+
+# -- serving tensor x pipeline parallel engines: one tritonserver per MPI rank ---------------
+
+def test_mpi_world_from_the_manifest():
+    assert trt.mpi_world(gpu_manifest()) == (1, [])
+    assert trt.mpi_world(gpu_manifest(world=2)) == (2, ["smollm2-135m-instruct-fp8-engine"])
+    assert trt.mpi_world(gpu_manifest(world=2, target="tensorrt")) == (1, [])   # encoder plans: one GPU
+    mixed = gpu_manifest(world=2)
+    mixed["deployments"]["other:fp16"] = {"engine": {"target": "tensorrt-llm", "world_size": 1}}
+    with pytest.raises(ServeError, match="different GPU counts.*world size 1: other-fp16-engine"):
+        trt.mpi_world(mixed)
+
+
+def test_parallel_engines_start_under_mpirun(tmp_path, monkeypatch):
+    from builder import triton_server as ts
+
+    server = ts.TritonServer(tmp_path, ts.Ports(8000, 8001, 8002), tritonserver=Path("/opt/tritonserver/bin/tritonserver"),
+                             cache_dir=tmp_path / "cache", mpi_world_size=2,
+                             rank_models=["smollm2-135m-instruct-fp8-engine"])
+    monkeypatch.setattr(ts.shutil, "which", lambda name: None)
+    with pytest.raises(ServeError, match="span 2 GPUs and need mpirun"):
+        server.command()
+    monkeypatch.setattr(ts.shutil, "which", lambda name: f"/usr/bin/{name}")
+    cmd = server.command()
+    assert cmd[:2] == ["/usr/bin/mpirun", "--allow-run-as-root"]
+    ranks, current = [], []
+    for arg in cmd[2:]:
+        if arg == ":":
+            ranks.append(current)
+            current = []
+        else:
+            current.append(arg)
+    ranks.append(current)
+    assert len(ranks) == 2 and all(r[:3] == ["-n", "1", "/opt/tritonserver/bin/tritonserver"] for r in ranks)
+    leader, worker = ranks
+    assert "--http-port=8000" in leader and "--grpc-port=8001" in leader and "--load-model=*" in leader
+    assert f"--backend-config=python,shm-region-prefix-name={server.shm_prefix}0_" in leader
+    assert not any(a.startswith(("--http-port", "--grpc-port", "--metrics-port")) for a in worker)
+    assert {"--allow-http=false", "--allow-grpc=false", "--allow-metrics=false"} <= set(worker)
+    assert [a for a in worker if a.startswith("--load-model=")] == ["--load-model=smollm2-135m-instruct-fp8-engine"]
+    assert f"--backend-config=python,shm-region-prefix-name={server.shm_prefix}1_" in worker
+    single = ts.TritonServer(tmp_path, ts.Ports(8000, 8001, 8002), tritonserver=Path("/x/tritonserver"),
+                             cache_dir=tmp_path / "cache")
+    assert single.command()[0] == "/x/tritonserver"

@@ -698,6 +698,30 @@ def gpu_engine_entries(manifest: dict) -> list[tuple[str, dict]]:
             if entry.get("engine", {}).get("target") in GPU_TARGETS]
 
 
+def mpi_world(manifest: dict) -> tuple[int, list[str]]:
+    """(MPI world size, the engine models every rank loads) for serving this repository.
+
+    A tensor x pipeline parallel TensorRT-LLM engine runs one MPI rank per GPU: tritonserver is
+    started under mpirun, one process per rank (tensorrtllm_backend's launch_triton_server.py), and
+    ranks above 0 load only the engine models. One world size per repository: the ranks are one
+    MPI job.
+    """
+    sizes: dict[int, list[str]] = {}
+    for name, engine in gpu_engine_entries(manifest):
+        if engine.get("target") == TARGET:
+            base, precision = name.rsplit(":", 1)
+            sizes.setdefault(int(engine.get("world_size", 1)), []).append(DeploymentName(base, precision).llm_engine)
+    parallel = {w: models for w, models in sizes.items() if w > 1}
+    if not parallel:
+        return 1, []
+    if len(sizes) > 1:
+        listing = "; ".join(f"world size {w}: {', '.join(m)}" for w, m in sorted(sizes.items()))
+        raise ServeError(f"this repository mixes TensorRT-LLM engines of different GPU counts ({listing}): one "
+                         "serve runs one MPI job, so serve them from separate repositories")
+    (world, models), = parallel.items()
+    return world, sorted(models)
+
+
 def check_serving_host(manifest: dict, *, gpu: Any = _DETECT, trt: Any = _DETECT) -> None:
     """Refuse to serve GPU engines this host cannot load: no GPU, another compute capability,
     another TensorRT build, or too few GPUs for the engine's tensor x pipeline parallel size."""
