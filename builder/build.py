@@ -183,10 +183,12 @@ def _build_spec(spec, ckpt, engine, context, pending, staging, manifest, opts) -
     if spec.kind == "embedding":
         from builder.engines import openvino_encoder, tensorrt_encoder
 
+        def step(label: str) -> _Step:
+            return _Step(opts.echo, label)
+
         for precision, digest in pending:
             dep = DeploymentName(spec.name, precision)
             opts.echo(f"{dep}: building the {engine} encoder engine")
-            step = lambda label: _Step(opts.echo, label)  # noqa: E731
             if engine == "cpu":
                 entry = openvino_encoder.build_deployment(spec, precision, ckpt, context, staging, opts.cache_dir,
                                                           step)

@@ -18,11 +18,11 @@ as the CPU encoder; the plan's largest length is the tokenizer's max length.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
 import tempfile
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -255,12 +255,11 @@ def build(spec: DeploymentSpec, precision: str, hf_dir: Path, engine_dir: Path, 
     }
 
 
-
 def build_deployment(spec: DeploymentSpec, precision: str, ckpt, context: int, staging: Path, step, *,
                      gpu: GpuInfo | None = None, run: Callable = subprocess.run) -> dict:
     """One embedding deployment `<name>:<precision>` with a TensorRT encoder, into the staging
-    repository (a builder.sources.checkpoint.Checkpoint in; the manifest entry out). Accuracy is
-    measured on the GPU host by scripts/gpu_check.py: this process has no TensorRT runtime to spare."""
+    repository (a builder.sources.checkpoint.Checkpoint in; the manifest entry out). Accuracy
+    against fp32 needs the TensorRT runtime: scripts/gpu_check.py measures it on the GPU host."""
     from backends import embedding as emb
     from builder import repository
 
