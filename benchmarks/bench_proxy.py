@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from echo_models import ECHO_CONFIG, ECHO_MODEL
+from echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
 from netutil import free_ports
+
+from builder.processes import children
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS_PER_ROUND = 400
@@ -56,9 +58,7 @@ def endpoints(tmp_path_factory):
     build([DeploymentSpec(EMBEDDING, kind="embedding", precisions=["int8"])],
           BuildOptions(output=tmp / "repo", cache_dir=Path.home() / ".cache" / "serverless-triton",
                        echo=lambda _: None))
-    (tmp / "repo" / "echo" / "1").mkdir(parents=True)
-    (tmp / "repo" / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (tmp / "repo" / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    write_python_model(tmp / "repo", "echo", ECHO_CONFIG, ECHO_MODEL)
     http_port, grpc_port, metrics_port = free_ports(3)
     out = tmp / "serve.out"
     cmd = [sys.executable, "-c", "from builder.serve_cli import serve; serve()", "--repository", str(tmp / "repo"),
@@ -154,15 +154,8 @@ def figures(walls: list[float], latencies: list[float], requests: int) -> dict:
 
 def nginx_cpu_seconds(state: Path) -> float:
     """user+system CPU of nginx's worker processes so far (the master only supervises)."""
-    master, total = int((state / "nginx.pid").read_text()), 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == master:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    workers = children(int((state / "nginx.pid").read_text()))
+    return sum(int(f[11]) + int(f[12]) for f in workers.values()) / os.sysconf("SC_CLK_TCK")
 
 
 @pytest.mark.parametrize("workload", ["echo", "wait", "embedding"])

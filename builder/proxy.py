@@ -37,7 +37,7 @@ from typing import Iterable, Iterator
 import jinja2
 
 from builder.errors import InvalidArgumentError, ProxyError
-from builder.processes import stop_process_group
+from builder.processes import children, stop_process_group
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 DEFAULT_STATE_ROOT = Path.home() / ".cache" / "serverless-triton"
@@ -306,15 +306,7 @@ def running_master(state: StateDir) -> int | None:
 
 
 def _children(pid: int) -> set[int]:
-    kids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            kids.add(int(stat.parent.name))
-    return kids
+    return set(children(pid))
 
 
 def _log_size(state: StateDir) -> int:

@@ -31,3 +31,10 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("text", out)]))
         return responses
 '''
+
+
+def write_python_model(repo, name: str, config: str, model: str) -> None:
+    """`repo/name/config.pbtxt` and `repo/name/1/model.py`."""
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(config)
+    (repo / name / "1" / "model.py").write_text(model)

@@ -32,7 +32,7 @@ from builder.errors import ProxyError
 from builder.proxy import Proxy, ProxyLayout, StateDir, install_config, running_master
 
 from conftest import ROOT, free_ports
-from echo_models import ECHO_CONFIG, ECHO_MODEL
+from echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +72,7 @@ class TritonPythonModel:
 
 def write_test_repository(root: Path) -> Path:
     for name, config, model in (("echo", ECHO_CONFIG, ECHO_MODEL), ("stream", STREAM_CONFIG, STREAM_MODEL)):
-        (root / name / "1").mkdir(parents=True)
-        (root / name / "config.pbtxt").write_text(config)
-        (root / name / "1" / "model.py").write_text(model)
+        write_python_model(root, name, config, model)
     return root
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 from conftest import free_ports
-from echo_models import ECHO_CONFIG, ECHO_MODEL
+from echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
 
 from builder.triton_server import SHM_DIR, Ports, TritonServer
 
@@ -19,9 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _echo_repository(root: Path) -> Path:
-    (root / "echo" / "1").mkdir(parents=True)
-    (root / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (root / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    write_python_model(root, "echo", ECHO_CONFIG, ECHO_MODEL)
     return root
 
 
