@@ -201,6 +201,26 @@ def test_manifest_records_every_precision(embedding_repository):
     assert 80 < sizes["fp32"] < 90 and 40 < sizes["fp16"] < 45 and sizes["int8"] < 23 and sizes["fp8"] < 23
 
 
+def test_int8_encoder_carries_its_quantization_groups(embedding_repository):
+    """int8 weights in groups of 64 input channels, and the IR tells OpenVINO to quantize
+    activations in groups of 64 too (builder/engines/openvino_grouped_int8.py)."""
+    import openvino as ov
+
+    from backends.embedding import OpenVinoEncoder
+    from builder.engines.openvino_encoder import INT8_GROUP_SIZE
+    from builder.manifest import read_manifest
+
+    entry = read_manifest(embedding_repository)["deployments"][str(names("int8"))]
+    assert f"groups of {INT8_GROUP_SIZE} input channels" in entry["engine"]["quantization"]
+    xml = embedding_repository / names("int8").embedding_encoder / "1" / "engine" / "openvino_model.xml"
+    encoder = OpenVinoEncoder(xml, entry["engine"]["compute"])
+    assert int(encoder.compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")) == INT8_GROUP_SIZE
+    grouped = [op for op in ov.Core().read_model(xml).get_ops() if op.get_type_name() == "Constant"
+               and op.get_output_element_type(0) == ov.Type.u8 and op.get_output_partial_shape(0).rank.get_length() == 3
+               and op.get_output_partial_shape(0)[2].get_length() == INT8_GROUP_SIZE]
+    assert len(grouped) == 36      # every linear layer of MiniLM's 6 blocks (q, k, v, out, ffn in, ffn out)
+
+
 # -- accuracy against sentence-transformers ------------------------------------------------------
 
 def test_fp32_equals_sentence_transformers_over_http_and_grpc(server, st_embeddings):

@@ -17,7 +17,10 @@ MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
 
 
-def quantization_of(precision: str) -> str:
+def quantization_of(precision: str, int8_group_size: int | None = None) -> str:
+    if precision == "int8" and int8_group_size:
+        return (f"int8 weight-only, asymmetric, groups of {int8_group_size} input channels (nncf INT8_ASYM arithmetic); "
+                f"activations quantized on the fly in groups of {int8_group_size}")
     return PRECISIONS[precision].openvino
 
 
@@ -58,8 +61,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def derive(reference: Path, precision: str, out_dir: Path) -> Path:
-    """Write the engine of one precision from the fp32 reference IR."""
+def derive(reference: Path, precision: str, out_dir: Path, int8_group_size: int | None = None) -> Path:
+    """Write the engine of one precision from the fp32 reference IR. `int8_group_size`: int8
+    weights in groups of that many input channels (openvino_grouped_int8) instead of per channel."""
     import openvino as ov
 
     out_dir.mkdir(parents=True)
@@ -76,7 +80,11 @@ def derive(reference: Path, precision: str, out_dir: Path) -> Path:
         return out_dir
     import nncf
 
-    if precision == "int8":
+    if precision == "int8" and int8_group_size:
+        from builder.engines import openvino_grouped_int8
+
+        model = openvino_grouped_int8.compress(model, int8_group_size)
+    elif precision == "int8":
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
     else:  # fp8 per output channel: nncf's default groups of 128 fail on layers narrower than that
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.FP8_E4M3, group_size=-1, ratio=1.0)

@@ -28,6 +28,10 @@ from builder.sources.checkpoint import Checkpoint
 # with the same cosine (to 2e-5); int8 is no faster at bf16, so stays f32. A CPU without native bf16
 # computes at f32. Measurements: docs/embeddings.md.
 COMPUTE = {"fp32": "f32", "fp16": "f32", "int8": "f32", "fp8": "bf16"}
+# int8 weights in groups of this many input channels, and activations quantized on the fly in
+# groups of as many (builder/engines/openvino_grouped_int8.py): ~10% faster than per-channel
+# weights with OpenVINO's default groups of 32, at the same accuracy.
+INT8_GROUP_SIZE = 64
 
 # The accuracy check's fixed sentences, mixed like real embedding traffic: mostly prose and
 # questions, then other scripts, emoji, code and numbers, a few very short texts, two texts beyond
@@ -155,7 +159,7 @@ def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int
         "target": "cpu",
         "format": "openvino-ir",
         "version": f"openvino {ov.__version__.split('-')[0]}",
-        "quantization": ov_common.quantization_of(precision),
+        "quantization": ov_common.quantization_of(precision, INT8_GROUP_SIZE),
         "compute": COMPUTE[precision],
         "context_size": config.max_length,
         "max_batch_size": max_batch_size,
@@ -180,8 +184,8 @@ def build_deployment(spec, precision: str, ckpt: Checkpoint, context: int, stagi
     config = dataclasses.replace(config, encoder_inputs=encoder_inputs(reference))
     work = staging / ".work" / dep.embedding_encoder
     shutil.rmtree(work, ignore_errors=True)
-    with step(f"deriving the {precision} encoder ({ov_common.quantization_of(precision)})"):
-        ov_common.derive(reference, precision, work)
+    with step(f"deriving the {precision} encoder ({ov_common.quantization_of(precision, INT8_GROUP_SIZE)})"):
+        ov_common.derive(reference, precision, work, INT8_GROUP_SIZE)
     from tokenizers import Tokenizer
 
     tokenizer = emb.EmbeddingTokenizer(Tokenizer.from_file(str(Path(ckpt.hf_dir) / "tokenizer.json")), config)
