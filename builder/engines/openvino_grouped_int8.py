@@ -56,8 +56,9 @@ def _decompression(weight: np.ndarray, group_size: int):
 
 
 def compress(model, group_size: int):
-    """int8 asymmetric weights: MatMul weights in groups of `group_size` input channels, every
-    other weight (embedding tables, layers whose width does not split) per channel by nncf."""
+    """int8 asymmetric weights: MatMul weights stored [out, in] in groups of `group_size` input
+    channels; every other weight (embedding tables, layers whose input width does not split into
+    groups) per output channel by nncf."""
     import nncf
 
     if group_size <= 0:
