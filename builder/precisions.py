@@ -13,7 +13,8 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Precision:
     name: str
-    # CPU engine (OpenVINO): how weights are stored. Computation is always f32.
+    # CPU engine (OpenVINO): how weights are stored (LLMs; encoders group their int8 weights:
+    # openvino_encoder.INT8_GROUP_SIZE). LLMs compute at f32; encoders: openvino_encoder.COMPUTE.
     openvino: str
     # TensorRT-LLM: dtype and quantization algorithm (None = no quantization).
     trtllm_dtype: str | None
