@@ -28,7 +28,7 @@ def _grouped_weight(op, group_size: int):
     node = op.input_value(1).get_node()
     if node.get_type_name() != "Constant" or not op.get_attributes().get("transpose_b"):
         return None
-    if node.get_output_element_type(0) not in (ov.Type.f32, ov.Type.f16, ov.Type.bf16):
+    if node.get_output_element_type(0) not in (ov.Type.f32, ov.Type.f16):  # numpy has no bf16
         return None
     weight = node.get_data()
     if weight.ndim != 2 or weight.shape[1] % group_size:
