@@ -22,10 +22,14 @@ nginx:
 	@command -v nginx >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
 
 demo: install
-	$(PY) -m builder.demo
+	$(PY) -m builder.cli.demo
 
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers),
+# then integration tests (real Triton, nginx, S3).
 test: install nginx
-	$(PY) -m pytest -q tests
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q tests/integration
 
 bench: install nginx
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,mean,max,rounds

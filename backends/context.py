@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from builder.errors import RequestError
+from backends.errors import RequestError
 
 
 @dataclass(frozen=True)

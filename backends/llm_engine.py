@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.errors import RequestError
 from backends.sampling import Sampling
-from builder.errors import RequestError
 
 log = logging.getLogger(__name__)
 

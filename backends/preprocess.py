@@ -6,15 +6,14 @@ max_tokens against the context size, sampling ranges, stop and bad words.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from backends.context import fit_chat, fit_prompt
+from backends.errors import RequestError
 from backends.sampling import check_sampling
 from backends.tokenization import ModelTokenizer, parse_messages
-from builder.errors import RequestError
 
 
 @dataclass
@@ -111,7 +110,6 @@ def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> di
         "OUT_TEMPERATURE": one(sampling.temperature, np.float32),
         "OUT_RANDOM_SEED": one(sampling.seed, np.uint64),
         "OUT_STREAMING": one(bool(req.stream), np.bool_),
-        "STREAM_ID": one(secrets.randbits(63), np.uint64),
         "PROMPT_TOKENS": one(len(fitted.ids), np.int32),
         "NOTICE": np.array([fitted.notice.encode()], dtype=object),
     }

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
-from builder.errors import RequestError
+from backends.errors import RequestError
 
 MAX_SEED = 2**63 - 1
 

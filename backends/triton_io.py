@@ -14,7 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from builder.errors import RequestError
+from backends.errors import RequestError
 
 
 def parameters(args: dict) -> dict[str, str]:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from netutil import free_ports
 from test_embedding_triton import varied_sentences
+
+from builder.serve.ports import free_ports
 
 NAME = "all-minilm-l6-v2"
 PRECISIONS = ["fp32", "fp16", "int8", "fp8"]
@@ -33,7 +34,7 @@ PAIRED: dict[str, float] = {}               # precision -> sentence-transformers
 def st_model():
     from sentence_transformers import SentenceTransformer
 
-    from builder.sources.checkpoint import default_embedding_dir
+    from builder.build.sources.checkpoint import default_embedding_dir
 
     model = SentenceTransformer(str(default_embedding_dir()), device="cpu")
     model.encode(SENTENCES[:64], batch_size=32)  # warm up
@@ -42,9 +43,9 @@ def st_model():
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from builder.build import BuildOptions, build
-    from builder.deployment import DeploymentSpec
-    from builder.triton_server import Ports, TritonServer
+    from builder.build.deployment import DeploymentSpec
+    from builder.build.pipeline import BuildOptions, build
+    from builder.serve.triton_server import Ports, TritonServer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("bench-embedding")
@@ -67,7 +68,7 @@ def _through_triton(url: str, model: str) -> int:
         data = np.array([t.encode() for t in texts], dtype=object).reshape(-1, 1)
         text = httpclient.InferInput("text", list(data.shape), "BYTES")
         text.set_data_from_numpy(data)
-        # Binary output, as backends.embedding_client asks for it: JSON floats cost both ends CPU.
+        # Binary output, as builder.serve.embedding_client asks for it: JSON floats cost both ends CPU.
         result = local.client.infer(model, [text], outputs=[httpclient.InferRequestedOutput("embedding")])
         return result.as_numpy("embedding").shape[0]
 

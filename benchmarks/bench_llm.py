@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from netutil import free_ports
-from llm_client import http_infer
+
+from builder.serve.ports import free_ports
+from tests.support.llm_client import http_infer
 
 NEW_TOKENS = 128
 PROMPTS = [f"<|im_start|>user\nWrite a long, detailed story about {topic}.<|im_end|>\n<|im_start|>assistant\n"
@@ -25,9 +26,9 @@ RESULTS: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from builder.build import BuildOptions, build
-    from builder.deployment import DeploymentSpec
-    from builder.triton_server import Ports, TritonServer
+    from builder.build.deployment import DeploymentSpec
+    from builder.build.pipeline import BuildOptions, build
+    from builder.serve.triton_server import Ports, TritonServer
 
     root = tmp_path_factory.mktemp("bench-llm")
     cache = Path.home() / ".cache" / "serverless-triton"
@@ -52,10 +53,10 @@ def _clients(server, n: int) -> float:
 
 def test_transformers_fp32_batch1(benchmark):
     import torch
-    from transformers import AutoModelForCausalLM
     from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
 
-    from builder.sources.checkpoint import resolve
+    from builder.build.sources.checkpoint import resolve
 
     ckpt = resolve("default", "llm", Path.home() / ".cache" / "serverless-triton")
     model = AutoModelForCausalLM.from_pretrained(ckpt.hf_dir, dtype=torch.float32).eval()

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
-from netutil import free_ports
 
-from builder.processes import children
+from builder.serve.ports import free_ports
+from builder.serve.processes import children
+from tests.support.echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUESTS_PER_ROUND = 400
@@ -51,8 +51,8 @@ ROUNDS_OF = {"echo": ROUNDS, "wait": ROUNDS, "embedding": 10}   # embedding roun
 @pytest.fixture(scope="module")
 def endpoints(tmp_path_factory):
     """{"direct": (http, grpc), "nginx": (http, grpc)} ports of one running serve, and its state dir."""
-    from builder.build import BuildOptions, build
-    from builder.deployment import DeploymentSpec
+    from builder.build.deployment import DeploymentSpec
+    from builder.build.pipeline import BuildOptions, build
 
     tmp = tmp_path_factory.mktemp("bench_proxy")
     build([DeploymentSpec(EMBEDDING, kind="embedding", precisions=["int8"])],
@@ -61,7 +61,7 @@ def endpoints(tmp_path_factory):
     write_python_model(tmp / "repo", "echo", ECHO_CONFIG, ECHO_MODEL)
     http_port, grpc_port, metrics_port = free_ports(3)
     out = tmp / "serve.out"
-    cmd = [sys.executable, "-c", "from builder.serve_cli import serve; serve()", "--repository", str(tmp / "repo"),
+    cmd = [sys.executable, "-c", "from builder.cli.serve import serve; serve()", "--repository", str(tmp / "repo"),
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--public-address", "127.0.0.1", "--allowed-ip", "127.0.0.1", "--state-dir", str(tmp / "state")]
     with open(out, "wb") as f:

@@ -15,7 +15,6 @@ asserts timings.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import os
 import shutil
@@ -26,26 +25,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from builder.serve.ports import free_port
+from tests.support.s3 import start_s3_server
+
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def _test_helpers():
-    """tests/conftest.py under its own name (`conftest` here is benchmarks/conftest.py)."""
-    name = "storage_test_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-free_port, start_s3_server = _test_helpers().free_port, _test_helpers().start_s3_server
 
 MiB = 1 << 20
 ROUNDS = 3
 BUCKET = "bench"
 AWS = Path(sys.executable).parent / "aws"
-OURS = [sys.executable, "-c", "from builder.repo_cli import repo; repo()"]
+OURS = [sys.executable, "-c", "from builder.cli.repo import repo; repo()"]
 _counter = itertools.count()
 
 

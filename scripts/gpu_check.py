@@ -34,10 +34,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from builder.deployment import DeploymentSpec  # noqa: E402
-from builder.engines import gpu, tensorrt_encoder, tensorrt_llm  # noqa: E402
-from builder.naming import DeploymentName  # noqa: E402
-from builder.precisions import PRECISIONS  # noqa: E402
+from backends.contract.naming import DeploymentName  # noqa: E402
+from backends.contract.precisions import PRECISIONS  # noqa: E402
+from builder.build.deployment import DeploymentSpec  # noqa: E402
+from builder.paths import cache_root  # noqa: E402
+from builder.build.engines import gpu, tensorrt_encoder, tensorrt_llm  # noqa: E402
 
 PROMPTS = (
     "The capital of France is",
@@ -61,7 +62,7 @@ def say(ok: bool | None, what: str) -> None:
 
 
 def default_checkpoint(kind: str, cache_dir: Path) -> Path:
-    from builder.sources.checkpoint import resolve
+    from builder.build.sources.checkpoint import resolve
 
     return resolve("default", kind, cache_dir).hf_dir
 
@@ -231,7 +232,7 @@ def serve_and_ask(repo: Path, precisions: list[str], embeddings: bool, port: int
             say(bool(answer), f"served {dep}: {answer!r}")
             ok &= bool(answer)
         if embeddings:  # the TensorRT encoder between the shared tokenize and pooling models
-            from backends.embedding_client import embed_texts
+            from builder.serve.embedding_client import embed_texts
 
             for p in precisions:
                 dep = DeploymentName(EMBEDDING_NAME, p)
@@ -251,13 +252,13 @@ def serve_and_ask(repo: Path, precisions: list[str], embeddings: bool, port: int
 def dry_run(hf_dir: Path | None, cache_dir: Path) -> None:
     hf_dir = hf_dir or default_checkpoint("llm", cache_dir)
     spec = DeploymentSpec(name=LLM_NAME, precisions=list(tensorrt_llm.GPU_PRECISIONS))
-    print(tensorrt_llm.format_plan(spec, hf_dir, Path("gpu-check-repo")))
+    print(tensorrt_llm.plan_text(spec, hf_dir, Path("gpu-check-repo")))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--output", "-o", type=Path, default=Path("gpu-check-repo"), help="repository to build into")
-    ap.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "serverless-triton")
+    ap.add_argument("--cache-dir", type=Path, default=cache_root())
     ap.add_argument("--hf-dir", type=Path, help="LLM checkpoint to check instead of the default model")
     ap.add_argument("--skip-build", action="store_true", help="reuse engines already in --output")
     ap.add_argument("--no-embeddings", action="store_true", help="skip the TensorRT encoder checks")

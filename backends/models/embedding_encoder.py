@@ -1,0 +1,34 @@
+"""Encoder: token ids -> token embeddings on OpenVINO. Every request the dynamic batcher hands
+over runs together, in length-sorted chunks (backends/embedding.py: encode_batches)."""
+
+import json
+from pathlib import Path
+
+import triton_python_backend_utils as pb_utils
+
+from backends import triton_io as io
+from backends.contract.tensors import TOKEN_EMBEDDINGS
+from backends.embedding import OpenVinoEncoder, check_encoder_inputs, encode_batches
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = io.parameters(args)
+        engine = Path(args["model_repository"]) / args["model_version"] / "engine" / "openvino_model.xml"
+        self.encoder = OpenVinoEncoder(engine, params["inference_precision"])
+        self.chunk = (int(params["chunk_texts"]), int(params["chunk_tokens"]))
+        self.inputs = [t["name"] for t in json.loads(args["model_config"])["input"]]
+
+    def _checked(self, r):
+        return check_encoder_inputs({name: io.array(r, name) for name in self.inputs})
+
+    def execute(self, requests):
+        responses = [io.guarded("embedding encoder", self._checked, r) for r in requests]
+        valid = [i for i, checked in enumerate(responses) if isinstance(checked, dict)]
+        if valid:  # one encoder pass for every valid request of this batch
+            outputs = io.guarded("embedding encoder", encode_batches, [responses[i] for i in valid], self.encoder,
+                                 *self.chunk)
+            for k, i in enumerate(valid):
+                responses[i] = (pb_utils.InferenceResponse([pb_utils.Tensor(TOKEN_EMBEDDINGS, outputs[k])])
+                                if isinstance(outputs, list) else outputs)
+        return responses

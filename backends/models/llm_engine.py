@@ -1,0 +1,91 @@
+"""CPU engine (decoupled): tensorrtllm's tensor interface over an openvino-genai
+ContinuousBatchingPipeline. `execute` only enqueues; the engine's thread answers."""
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from backends import triton_io as io
+from backends.errors import RequestError
+from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+from backends.preprocess import list_to_words
+from backends.sampling import check_sampling
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = io.parameters(args)
+        engine_dir = Path(args["model_repository"]) / args["model_version"] / "engine"
+        self.engine = ContinuousBatchingEngine(engine_dir, int(params["context_size"]),
+                                               int(params["max_batch_size"]))
+
+    def _request(self, r) -> GenerationRequest:
+        ids = io.array(r, "input_ids").reshape(-1)
+        if ids.size == 0:
+            raise RequestError("input_ids is empty: send at least one token")
+        length = io.scalar(r, "input_lengths", int)
+        if length is None or not 0 < length <= ids.size:
+            raise RequestError(f"input_lengths must be between 1 and the {ids.size} input_ids sent")
+        bad = io.array(r, "bad_words_list")
+        if bad is not None and list_to_words(bad):
+            raise RequestError("bad_words is not supported by the CPU engine: remove it, or serve a GPU engine")
+        stops = io.array(r, "stop_words_list")
+        top_k = io.scalar(r, "runtime_top_k", int)
+        temperature = io.scalar(r, "temperature", float)
+        greedy = top_k in (None, 1)
+        sampling = check_sampling(top_k, io.scalar(r, "runtime_top_p", float),
+                                  None if greedy else (temperature if temperature is not None else 1.0),
+                                  io.scalar(r, "seed", int))
+        sender = r.get_response_sender()
+
+        key = r.request_id()
+
+        def on_tokens(new_ids, final, reason):
+            if reason == "cancelled":
+                pb_utils.Logger.log_info(f"engine: request {key or '(no id)'} cancelled by the client")
+            if reason == "error":
+                sender.send(io.error_response("the engine failed on this request; retry it", internal=True), flags=FINAL)
+                return
+            out = np.asarray(new_ids, dtype=np.int32).reshape(1, 1, -1)
+            response = pb_utils.InferenceResponse([
+                pb_utils.Tensor("output_ids", out),
+                pb_utils.Tensor("sequence_length", np.array([[len(new_ids)]], dtype=np.int32)),
+            ])
+            sender.send(response, flags=FINAL if final else 0)
+
+        end_id = io.scalar(r, "end_id", int)
+        if end_id is None:
+            raise RequestError("end_id is required by the engine")
+        return GenerationRequest(
+            input_ids=ids[:length].tolist(),
+            max_new_tokens=io.scalar(r, "request_output_len", int) or 0,
+            end_id=end_id,
+            sampling=sampling,
+            on_tokens=on_tokens,
+            stop_sequences=list_to_words(stops) if stops is not None else [],
+            streaming=bool(io.scalar(r, "streaming", bool)),
+            is_cancelled=lambda: io.is_cancelled(r),
+            key=key,
+        )
+
+    def execute(self, requests):
+        for r in requests:
+            try:
+                if io.scalar(r, "stop", bool):
+                    self.engine.stop(r.request_id())
+                    r.get_response_sender().send(flags=FINAL)
+                    continue
+                self.engine.submit(self._request(r))
+            except RequestError as e:
+                r.get_response_sender().send(io.error_response(str(e)), flags=FINAL)
+            except Exception as e:
+                pb_utils.Logger.log_error(f"engine: {e!r}")
+                r.get_response_sender().send(io.error_response(f"internal error in engine: {e}", internal=True),
+                                             flags=FINAL)
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()

@@ -1,0 +1,115 @@
+"""What to build: one `DeploymentSpec` per model, from command-line options or a deployment file.
+
+A deployment file (TOML) describes several models and the serving edge:
+
+    [serving]
+    allowed_ips = ["203.0.113.0/24"]          # empty or absent: everyone allowed
+
+    [[models]]
+    name = "smollm2-135m-instruct"
+    kind = "llm"                              # llm | embedding
+    source = "default"                        # HF directory, GGUF file, or "default"
+    precisions = ["fp16", "int8", "fp8"]
+    context_size = 2048
+    max_batch_size = 8
+
+    [[models]]
+    name = "all-minilm-l6-v2"
+    kind = "embedding"
+    precisions = ["int8"]
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends.errors import InvalidArgumentError, SourceError
+from backends.contract.naming import DeploymentName, check_name
+from backends.contract.precisions import check_precision as _check_precision
+from backends.contract.precisions import DEFAULT_PRECISIONS
+
+KINDS = ("llm", "embedding")
+ENGINES = ("auto", "cpu", "tensorrt-llm")
+POOLINGS = ("mean", "cls", "last")
+# LLM: requests batched in flight per engine. Embedding: texts per request (Triton refuses more).
+DEFAULT_MAX_BATCH = {"llm": 8, "embedding": 64}
+
+
+@dataclass
+class DeploymentSpec:
+    name: str
+    kind: str = "llm"
+    source: str = "default"                 # path to HF dir / GGUF file, or "default"
+    precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
+    context_size: int | None = None         # None: the model's own position limit (LLM) / max length
+    max_batch_size: int | None = None      # None: 8 requests in flight (llm), 64 texts a request (embedding)
+    engine: str = "auto"                    # resolved to "cpu" or "tensorrt-llm" before building
+    pooling: str | None = None              # embedding: override when the checkpoint has no 1_Pooling
+    # TensorRT-LLM only
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    max_num_tokens: int | None = None
+    calibration_dataset: str | None = None
+    int8_kv_cache: bool = False
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.kind not in KINDS:
+            raise InvalidArgumentError(f"unknown kind {self.kind!r} for {self.name}: choose llm or embedding")
+        if self.engine not in ENGINES:
+            raise InvalidArgumentError(f"unknown engine {self.engine!r}: choose from {', '.join(ENGINES)}")
+        if not self.precisions:
+            raise InvalidArgumentError(f"{self.name}: no precision given")
+        self.precisions = list(dict.fromkeys(_check_precision(p) for p in self.precisions))
+        if self.context_size is not None and self.context_size < 16:
+            raise InvalidArgumentError(f"context size {self.context_size} is too small: use at least 16 tokens")
+        if self.max_batch_size is None:
+            self.max_batch_size = DEFAULT_MAX_BATCH[self.kind]
+        if not 1 <= self.max_batch_size <= 256:
+            raise InvalidArgumentError(f"max batch size {self.max_batch_size} is out of range: use 1 to 256")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise InvalidArgumentError(f"unknown pooling {self.pooling!r}: choose from {', '.join(POOLINGS)}")
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
+            raise InvalidArgumentError("tensor and pipeline parallel sizes must be at least 1")
+
+
+@dataclass
+class ServingSpec:
+    allowed_ips: list[str] = field(default_factory=list)
+    trusted_proxies: list[str] = field(default_factory=list)
+
+
+def load_deployment_file(path: Path) -> tuple[list[DeploymentSpec], ServingSpec]:
+    """Read a deployment TOML file; every error names the file and the key."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as e:
+        raise SourceError(f"cannot read deployment file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InvalidArgumentError(f"{path} is not valid TOML ({e}): fix the syntax") from None
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise InvalidArgumentError(f"{path} lists no [[models]]: add at least one [[models]] table with a name")
+    known = {f for f in DeploymentSpec.__dataclass_fields__}
+    specs = []
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or "name" not in m:
+            raise InvalidArgumentError(f"{path}: models[{i}] has no name")
+        unknown = set(m) - known
+        if unknown:
+            raise InvalidArgumentError(
+                f"{path}: models[{i}] has unknown keys {sorted(unknown)}: allowed are {sorted(known)}")
+        m = dict(m)
+        if "source" in m and m["source"] != "default" and not Path(m["source"]).is_absolute():
+            m["source"] = str((Path(path).parent / m["source"]).resolve())
+        specs.append(DeploymentSpec(**m))
+    names = [(s.name, s.kind) for s in specs]
+    if len({n for n, _ in names}) != len(names):
+        raise InvalidArgumentError(f"{path}: a model name appears twice: names must be unique")
+    serving = data.get("serving", {}) or {}
+    unknown = set(serving) - set(ServingSpec.__dataclass_fields__)
+    if unknown:
+        raise InvalidArgumentError(f"{path}: [serving] has unknown keys {sorted(unknown)}")
+    return specs, ServingSpec(**serving)

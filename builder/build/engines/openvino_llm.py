@@ -1,0 +1,135 @@
+"""CPU LLM engines on OpenVINO: one fp32 export per checkpoint, then one engine per precision.
+
+The fp32 IR (optimum-intel's export, stateful, with OpenVINO tokenizers) is the reference; the
+other precisions are derived from it, so torch runs once per checkpoint:
+fp16 weights (compress_to_fp16), int8 weight-only (nncf INT8_ASYM, per channel, no calibration),
+fp8 e4m3 weights (nncf FP8_E4M3). All compute at f32 at run time.
+
+As an engine target (builder/build/engine_target.py): the precision's engine with its accuracy
+figure against the fp32 reference (refused below the precision's floor), then the Triton models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from backends.tokenization import ModelTokenizer
+from builder.build.deployment import DeploymentSpec
+from builder.build.engine_target import BuildJob, BuiltDeployment
+from builder.build.engines.openvino_common import (MODEL_XML, cached_export, cpu_plan, derive, enforce_floor,
+                                                   export_fp32, quantization_of)
+from builder.build.sources.checkpoint import Checkpoint
+from backends.contract.precisions import PRECISIONS
+
+# A fixed, varied text for the teacher-forced accuracy figure (prose, numbers, code, dialogue).
+ACCURACY_TEXT = (
+    "The Rhine rises in the Swiss Alps and flows north through Germany and the Netherlands before it "
+    "reaches the North Sea, a journey of roughly 1,230 kilometres. Barges carry coal, grain and "
+    "containers along it, and in 2018 a dry summer left the river so low that many of them could only "
+    "load a third of their usual cargo.\n\n"
+    "def moving_average(values, window):\n"
+    "    total = sum(values[:window])\n"
+    "    yield total / window\n"
+    "    for i in range(window, len(values)):\n"
+    "        total += values[i] - values[i - window]\n"
+    "        yield total / window\n\n"
+    "User: Can you explain why the sky is blue?\n"
+    "Assistant: Sunlight contains every colour, but air molecules scatter short wavelengths much more "
+    "strongly than long ones. Blue light is therefore scattered across the whole sky, while the light "
+    "that reaches us straight from the sun looks slightly yellow. At sunset the path through the air "
+    "is longer, most of the blue is scattered away, and reds and oranges remain."
+)
+
+
+def export_reference(hf_dir: Path, out_dir: Path, log_path: Path) -> Path:
+    """The stateful fp32 export, with OpenVINO tokenizers (openvino-genai's pipeline reads them)."""
+    return export_fp32(hf_dir, out_dir, log_path, ["--task", "text-generation-with-past"])
+
+
+def teacher_forced_logits(engine_dir: Path, ids: list[int]) -> np.ndarray:
+    """Logits at every position of ids in one forward pass, computed at f32."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(Path(engine_dir) / MODEL_XML, "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"})
+    request = compiled.create_infer_request()
+    n = len(ids)
+    request.infer({"input_ids": np.array([ids], dtype=np.int64),
+                   "attention_mask": np.ones((1, n), dtype=np.int64),
+                   "position_ids": np.arange(n, dtype=np.int64)[None],
+                   "beam_idx": np.zeros(1, dtype=np.int32)})
+    return request.get_tensor("logits").data[0].copy()
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement and mean cosine of two [positions, vocab] logit arrays."""
+    top1 = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
+    cos = (reference * candidate).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1))
+    return {"top1_agreement": round(top1, 6), "mean_logit_cosine": round(float(cos.mean()), 6)}
+
+
+def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
+    """The floor this precision must meet; raises BuildError (engine not published) below it."""
+    p = PRECISIONS[precision]
+    return enforce_floor("engine", precision, figures,
+                         {"top1_agreement": p.llm_min_top1, "mean_logit_cosine": p.llm_min_cosine})
+
+
+def engine_info(precision: str, context_size: int, max_batch_size: int) -> dict:
+    import openvino as ov
+    import openvino_genai as og
+
+    return {
+        "target": "cpu",
+        "format": "openvino-ir",
+        "version": f"openvino {ov.__version__.split('-')[0]}, openvino-genai {og.__version__.split('-')[0]}",
+        "quantization": quantization_of(precision),
+        "compute": "f32",
+        "context_size": context_size,
+        "max_batch_size": max_batch_size,
+    }
+
+
+# -- the engine target ------------------------------------------------------------------------
+
+_reference_logits: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
+
+
+def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
+    """The fp32 OpenVINO export of a checkpoint, made once and kept in the cache."""
+    return cached_export(ckpt, cache_dir, "fp32", step,
+                         "exporting the fp32 reference with optimum-intel (about 30 s for 135M parameters)",
+                         export_reference)
+
+
+def measure_accuracy(reference: Path, engine_dir: Path, ids: list[int], precision: str) -> dict:
+    key = (str(reference), tuple(ids))
+    if key not in _reference_logits:
+        _reference_logits[key] = teacher_forced_logits(reference, ids)
+    figures = agreement(_reference_logits[key], teacher_forced_logits(engine_dir, ids))
+    floor = check_floor(precision, figures)
+    return {"reference": "fp32", "method": "teacher-forced logits on a fixed text",
+            "positions": len(ids), **figures, "floor": floor}
+
+
+def build_deployment(job: BuildJob) -> BuiltDeployment:
+    dep, spec, w = job.dep, job.spec, job.writer
+    models = w.write_llm_shared(dep, job.ckpt.hf_dir, job.context_size, spec.max_batch_size)
+    reference = reference_ir(job.ckpt, job.cache_dir, job.step)
+    work = job.staging / ".work" / dep.llm_engine
+    with job.step(f"deriving the {job.precision} engine ({quantization_of(job.precision)})"):
+        derive(reference, job.precision, work)
+    with job.step("measuring accuracy against fp32"):
+        ids = ModelTokenizer.load(job.ckpt.hf_dir).encode(ACCURACY_TEXT)
+        accuracy = measure_accuracy(reference, work, ids, job.precision)
+    models.append(w.write_llm_cpu_engine(dep, work, job.context_size, spec.max_batch_size))
+    models += w.write_llm_front(dep, job.ckpt.hf_dir, spec.max_batch_size)
+    return BuiltDeployment(models, {"infer": dep.llm, "stream": dep.llm_stream},
+                           engine_info(job.precision, job.context_size, spec.max_batch_size), accuracy)
+
+
+def format_plan(spec: DeploymentSpec, ckpt: Checkpoint, context_size: int, output: Path, cache_dir: Path) -> str:
+    return cpu_plan(spec, ckpt, cache_dir, "--task text-generation-with-past", "fp32", f"context {context_size}",
+                    lambda p: f"top-1 >= {PRECISIONS[p].llm_min_top1}, logit cosine >= {PRECISIONS[p].llm_min_cosine}")

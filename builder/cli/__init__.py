@@ -1,0 +1,29 @@
+"""Command-line edges: `build-engines` and `serverless-triton` (also `python -m builder`).
+
+Commands stay thin: they parse options, call the package, and turn a UserError into one line on
+stderr and exit code 1. Each command group lives in its own module and is registered here.
+"""
+
+from __future__ import annotations
+
+import click
+
+from builder.cli.allowed_ips import allowed_ips
+from builder.cli.base import Group
+from builder.cli.build import build_engines
+from builder.cli.repo import repo
+from builder.cli.serve import serve
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="serverless-triton")
+def main() -> None:
+    """Serve per-precision engines from a Triton model repository, the way a managed service does."""
+
+
+main.add_command(build_engines, name="build")
+main.add_command(serve)
+main.add_command(repo)
+main.add_command(allowed_ips)
+
+__all__ = ["main", "build_engines"]

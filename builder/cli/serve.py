@@ -1,0 +1,93 @@
+"""`serverless-triton serve`: Triton behind nginx (allowed IPs) until Ctrl-C or SIGTERM.
+
+By default Triton listens on loopback on free ports and nginx owns the public HTTP and gRPC ports
+(see builder/serve/proxy.py and docs/proxy.md). `--no-proxy` serves Triton directly for local work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from builder.cli.base import Command
+from builder.serve.gpu_host import mpi_world
+from builder.serve.serving import (
+    build_proxy,
+    endpoints,
+    open_repository,
+    refresh_on_sighup,
+    refuse_rules_without_proxy,
+    run_until_signalled,
+    triton_models,
+)
+from builder.serve.storage import is_s3_url
+from builder.serve.triton_server import Ports, TritonServer
+
+
+@click.command(cls=Command)
+@click.option("--repository", "-r", required=True,
+              help="Model repository directory written by build-engines, or s3://BUCKET/PREFIX (pulled into "
+                   "a local cache first; SIGHUP pulls again and reloads changed models).")
+@click.option("--endpoint-url", metavar="URL", help="S3-compatible endpoint for an s3:// repository.")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="Public HTTP port (nginx; Triton's own with --no-proxy).")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Public gRPC port (nginx; Triton's own with --no-proxy).")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's metrics port, on --address (never proxied).")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Address Triton listens on (loopback only unless --no-proxy).")
+@click.option("--public-address", "public_addresses", multiple=True, default=("0.0.0.0",), show_default=True,
+              help="Address nginx listens on; repeat for several (e.g. 0.0.0.0 and ::).")
+@click.option("--allowed-ip", "allowed_ips", multiple=True, metavar="IP|CIDR",
+              help="Client address or block allowed in; repeatable. None anywhere: everyone.")
+@click.option("--trusted-proxy", "trusted_proxies", multiple=True, metavar="IP|CIDR",
+              help="Proxy whose X-Forwarded-For header gives the client address; repeatable.")
+@click.option("--deployment", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Deployment file; its [serving] allowed_ips / trusted_proxies are used.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="nginx config, pid, logs and allowed_ips.json [default: $XDG_CACHE_HOME/serverless-triton/serve-HTTP_PORT]")
+@click.option("--no-proxy", is_flag=True, help="Serve Triton directly, without nginx (local development).")
+@click.option("--tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="tritonserver binary (default: the one bundled in nvidia-pytriton).")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Write Triton's log here.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for every model to be ready.")
+def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address, public_addresses, allowed_ips,
+          trusted_proxies, deployment, state_dir, no_proxy, tritonserver, log_file, timeout):
+    """Serve a model repository with tritonserver behind nginx until Ctrl-C or SIGTERM.
+
+    Loads every model, waits until each one is READY, starts nginx on the public ports with the
+    allowed IPs, prints the endpoints, and on exit stops nginx gracefully, then Triton and its
+    Python stubs (no orphan processes). Change the allowed IPs while it runs with
+    `serverless-triton allowed-ips`.
+    """
+    repo, manifest = open_repository(repository, endpoint_url, click.echo)
+    world_size, rank_models = mpi_world(manifest)
+    proxy = None
+    if no_proxy:
+        refuse_rules_without_proxy(deployment, allowed_ips, trusted_proxies)
+        ports = Ports(http_port, grpc_port, metrics_port)
+    else:
+        internal, proxy = build_proxy(http_port, grpc_port, address, public_addresses, state_dir, deployment,
+                                      allowed_ips, trusted_proxies)
+        ports = Ports(internal.http, internal.grpc, metrics_port)
+    server = TritonServer(repo, ports, address=address, tritonserver=tritonserver, log_path=log_file,
+                          ready_timeout=timeout, load_models=triton_models(manifest), mpi_world_size=world_size,
+                          rank_models=rank_models)
+
+    def announce() -> None:
+        click.echo("ready")
+        for line in endpoints(server, manifest, proxy):
+            click.echo("  " + line)
+        click.echo("Ctrl-C to stop.")
+
+    click.echo(f"starting tritonserver on {repo} ...")
+    from_store = is_s3_url(repository)
+    undo = (refresh_on_sighup(repository, repo, server.http_url, endpoint_url, click.echo) if from_store
+            else (lambda: None))
+    try:
+        run_until_signalled(server, announce, proxy)
+    finally:
+        undo()
+    click.echo("stopped")

@@ -1,0 +1,185 @@
+"""Running a served repository: Triton (then nginx) until a signal, the access rules nginx enforces,
+the endpoints to announce, and an s3:// repository pulled first and refreshed on SIGHUP. The
+`serve` command (builder/cli/serve.py) only parses options and calls these."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import threading
+from pathlib import Path
+from typing import Callable
+
+from backends.contract.manifest import Manifest, check_runtimes, read_manifest
+from backends.errors import InvalidArgumentError, ProxyError, ServeError, UserError
+from builder.build.deployment import load_deployment_file
+from builder.serve import storage
+from builder.serve.gpu_host import check_serving_host
+from builder.serve.ports import free_port
+from builder.serve.proxy import (
+    AccessRules,
+    Proxy,
+    ProxyLayout,
+    StateDir,
+    default_state_dir,
+)
+from builder.serve.triton_server import Ports, TritonServer
+
+
+def endpoints(server: TritonServer, manifest: Manifest, proxy: Proxy | None = None) -> list[str]:
+    if proxy is None:
+        http, grpc = server.http_url, server.grpc_url
+    else:
+        host = proxy.layout.public_addresses[0]
+        host = f"[{host}]" if ":" in host else host
+        http, grpc = f"{host}:{proxy.layout.http_port}", f"{host}:{proxy.layout.grpc_port}"
+    lines = [
+        f"HTTP     http://{http}  (POST /v2/models/<model>/generate, /generate_stream, /infer)",
+        f"gRPC     {grpc}",
+        f"metrics  http://{server.address}:{server.ports.metrics}/metrics" + ("  (loopback only)" if proxy else ""),
+    ]
+    if proxy is not None:
+        allowed = ", ".join(proxy.rules.allowed_ips) or "everyone (empty list)"
+        lines.append(f"allowed  {allowed}")
+        if proxy.rules.trusted_proxies:
+            lines.append(f"proxies  X-Forwarded-For trusted from {', '.join(proxy.rules.trusted_proxies)}")
+        lines.append(f"state    {proxy.state.path}  (serverless-triton allowed-ips ... --state-dir this)")
+    for user_name, entry in sorted(manifest.deployments.items()):
+        models = entry.entrypoints
+        lines.append(f"model    {user_name:<32} " + "  ".join(f"{k}={v}" for k, v in sorted(models.items())))
+    return lines
+
+
+def run_until_signalled(server: TritonServer, on_ready=None, proxy: Proxy | None = None) -> None:
+    """Start Triton (then nginx, once Triton is ready), block until SIGINT/SIGTERM or either dies.
+
+    On the way out nginx stops first (gracefully), then Triton and its Python stubs.
+    """
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if proxy:
+            proxy.prepare()  # a config nginx rejects fails before Triton loads anything
+        server.start()
+        server.wait_ready()
+        if proxy:
+            proxy.start()
+        if on_ready:
+            on_ready()
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                raise ServeError("tritonserver exited unexpectedly: see its log")
+            if proxy and not proxy.running():
+                raise ProxyError(f"nginx exited unexpectedly: see {proxy.state.error_log}")
+    finally:
+        if proxy:
+            proxy.stop()
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def access_rules(state: StateDir, deployment: Path | None, allowed_ips, trusted_proxies) -> AccessRules:
+    """Rules from the deployment file plus options; a list given nowhere keeps the saved one.
+
+    Keeping the saved list means a restart never silently opens a restricted deployment to
+    everyone; `allowed-ips set --everyone` does that explicitly.
+    """
+    file_allowed, file_trusted = [], []
+    if deployment is not None:
+        _, serving = load_deployment_file(deployment)
+        file_allowed, file_trusted = serving.allowed_ips, serving.trusted_proxies
+    fresh = AccessRules.parse([*file_allowed, *allowed_ips], [*file_trusted, *trusted_proxies])
+    saved = state.read_rules() or AccessRules()
+    return AccessRules(fresh.allowed_ips or saved.allowed_ips, fresh.trusted_proxies or saved.trusted_proxies)
+
+
+def refuse_rules_without_proxy(deployment: Path | None, allowed_ips, trusted_proxies) -> None:
+    """Access rules that nothing would enforce are an error, not a silent open door."""
+    serving = load_deployment_file(deployment)[1] if deployment is not None else None
+    if allowed_ips or trusted_proxies or (serving and (serving.allowed_ips or serving.trusted_proxies)):
+        raise InvalidArgumentError("allowed IPs and trusted proxies are enforced by the proxy: drop --no-proxy "
+                                   "(or the --allowed-ip/--trusted-proxy options and [serving] entries)")
+
+
+def check_loopback(address: str) -> None:
+    try:
+        loopback = ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        loopback = address == "localhost"
+    if not loopback:
+        raise InvalidArgumentError(f"--address {address}: behind the proxy Triton listens on loopback only; "
+                                   "use --public-address for nginx, or --no-proxy to expose Triton itself")
+
+
+def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, state_dir: Path | None,
+                deployment: Path | None, allowed_ips, trusted_proxies) -> tuple[Ports, Proxy]:
+    """Triton's internal ports and the nginx front that owns the public ones."""
+    check_loopback(address)
+    internal = Ports(free_port(address), free_port(address))
+    state = StateDir(Path(state_dir) if state_dir else default_state_dir(http_port))
+    host = f"[{address}]" if ":" in address else address
+    layout = ProxyLayout(http_port, grpc_port, f"{host}:{internal.http}", f"{host}:{internal.grpc}",
+                         tuple(public_addresses))
+    rules = access_rules(state, deployment, allowed_ips, trusted_proxies)
+    return internal, Proxy(state, layout, rules)
+
+
+def pull_for_serve(url: str, endpoint_url: str | None, echo: Callable[[str], None]) -> Path:
+    """`serve --repository s3://...`: pull into this location's cache directory, return it."""
+    directory = storage.default_cache_dir(url, endpoint_url)
+    report = storage.pull(url, directory, endpoint_url=endpoint_url)
+    echo(report.summary())
+    return directory
+
+
+def refresh_on_sighup(url: str, directory: Path, server_url: str, endpoint_url: str | None,
+                      echo: Callable[..., None]) -> Callable[[], None]:
+    """Refresh from `url` whenever the process gets SIGHUP; returns a function that undoes it.
+
+    The signal handler only wakes a worker thread: pulling and loading happen off the main loop,
+    one refresh at a time (signals arriving meanwhile fold into one more refresh).
+    """
+    wake, done = threading.Event(), threading.Event()
+
+    def work() -> None:
+        while True:
+            wake.wait()
+            wake.clear()
+            if done.is_set():
+                return
+            try:
+                report = storage.refresh(url, directory, server_url, endpoint_url=endpoint_url, quiet=True)
+                echo("refresh: " + report.summary())
+            except UserError as e:
+                echo(f"refresh failed: {e}", err=True)
+
+    previous = signal.signal(signal.SIGHUP, lambda *_: wake.set())
+    threading.Thread(target=work, name="sighup-refresh", daemon=True).start()
+
+    def undo() -> None:
+        signal.signal(signal.SIGHUP, previous)
+        done.set()
+        wake.set()
+
+    return undo
+
+
+def open_repository(repository: str, endpoint_url: str | None, echo: Callable[[str], None]) -> tuple[Path, Manifest]:
+    """The local repository to serve (pulled first when it is s3://...) and its manifest, refused
+    when its runtime code was altered or its GPU engines cannot run on this host."""
+    repo = pull_for_serve(repository, endpoint_url, echo) if storage.is_s3_url(repository) else Path(repository)
+    if not repo.is_dir():
+        raise ServeError(f"model repository {repo} does not exist: run build-engines first")
+    manifest = read_manifest(repo)
+    check_runtimes(repo, manifest)
+    check_serving_host(manifest)  # GPU engines only load on the GPU/TensorRT they were built for
+    return repo, manifest
+
+
+def triton_models(manifest: Manifest) -> list[str] | None:
+    """Every Triton model the manifest's deployments need (None: a repository without a manifest,
+    whose every model is loaded)."""
+    if not manifest.deployments:
+        return None
+    return sorted({m for entry in manifest.deployments.values() for m in entry.triton_models})

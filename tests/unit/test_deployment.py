@@ -1,0 +1,77 @@
+"""Deployment files and names: the one mapping of user names to Triton names, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from backends.contract.naming import DeploymentName
+from backends.errors import InvalidArgumentError, SourceError
+from builder.build.deployment import DeploymentSpec, load_deployment_file
+
+
+def test_user_names_map_to_url_safe_triton_names():
+    dep = DeploymentName.parse("smollm2-135m-instruct:int8")
+    assert (dep.name, dep.precision, str(dep)) == ("smollm2-135m-instruct", "int8", "smollm2-135m-instruct:int8")
+    assert dep.llm == "smollm2-135m-instruct-int8" and dep.llm_stream == "smollm2-135m-instruct-int8-stream"
+    assert dep.preprocessing == "smollm2-135m-instruct-preprocessing"  # shared by precisions
+    assert all(":" not in m and "/" not in m for m in dep.llm_models() + dep.embedding_models())
+    assert len(set(dep.llm_models())) == len(dep.llm_models())
+
+
+@pytest.mark.parametrize("bad,match", [("smollm2", "no precision"), ("smollm2:fp4", "unknown precision"),
+                                       ("Big Model:int8", "invalid deployment name"), (":int8", "invalid")])
+def test_bad_user_names(bad, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        DeploymentName.parse(bad)
+
+
+def test_deployment_file(tmp_path):
+    f = tmp_path / "deployment.toml"
+    f.write_text('''
+[serving]
+allowed_ips = ["203.0.113.0/24"]
+
+[[models]]
+name = "chat"
+source = "models/llama"
+precisions = ["int8", "fp16"]
+context_size = 4096
+
+[[models]]
+name = "search"
+kind = "embedding"
+precisions = ["int8"]
+''')
+    specs, serving = load_deployment_file(f)
+    assert [s.name for s in specs] == ["chat", "search"]
+    assert specs[0].source == str(tmp_path / "models" / "llama") and specs[0].precisions == ["int8", "fp16"]
+    assert specs[1].kind == "embedding" and specs[1].source == "default"
+    assert serving.allowed_ips == ["203.0.113.0/24"]
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[[models]]\nname = 'a'\ncolour = 'red'\n", "unknown keys"),
+    ("[serving]\nallowed_ips = []\n", "no \\[\\[models\\]\\]"),
+    ("[[models]]\nname = 'a'\n[[models]]\nname = 'a'\n", "appears twice"),
+    ("[[models]]\nname = 'a'\nkind = 'vision'\n", "unknown kind"),
+    ("[[models]]\nname = 'a'\nprecisions = ['int4']\n", "unknown precision"),
+    ("[[models]\nname = 'a'\n", "not valid TOML"),
+    ("[[models]]\nname = 'a'\nmax_batch_size = 0\n", "max batch size"),
+])
+def test_deployment_file_errors(tmp_path, text, match):
+    f = tmp_path / "d.toml"
+    f.write_text(text)
+    with pytest.raises(InvalidArgumentError, match=match):
+        load_deployment_file(f)
+
+
+def test_missing_deployment_file(tmp_path):
+    with pytest.raises(SourceError, match="cannot read"):
+        load_deployment_file(tmp_path / "none.toml")
+
+
+def test_spec_checks():
+    with pytest.raises(InvalidArgumentError, match="too small"):
+        DeploymentSpec("a", context_size=4)
+    with pytest.raises(InvalidArgumentError, match="pooling"):
+        DeploymentSpec("a", kind="embedding", pooling="max")

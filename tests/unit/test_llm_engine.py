@@ -1,0 +1,103 @@
+"""The continuous-batching engine without Triton: requests join while others run, stop by key,
+cancellation, streaming equals whole output, multi-token stop sequences, refusals."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from conftest import TINY_NAME
+
+from backends.contract.naming import DeploymentName
+from backends.errors import RequestError
+from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+from backends.sampling import Sampling
+
+pytestmark = pytest.mark.slow
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_repository):
+    e = ContinuousBatchingEngine(tiny_repository / DeploymentName(TINY_NAME, "fp32").llm_engine / "1" / "engine",
+                                 256, 4)
+    yield e
+    e.shutdown()
+
+
+class Collector:
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+        self.done = threading.Event()
+        self.reason = ""
+        self.finished_at = 0.0
+
+    def __call__(self, ids, final, reason):
+        self.chunks.append(list(ids))
+        if final:
+            self.reason, self.finished_at = reason, time.monotonic()
+            self.done.set()
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for c in self.chunks for i in c]
+
+
+def wait_tokens(c: Collector, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(c.ids) < n and not c.done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(c.ids) >= n, f"got {c.ids} ({c.reason or 'not finished'})"
+
+
+def submit(engine, ids, n, **kw) -> Collector:
+    c = Collector()
+    engine.submit(GenerationRequest(ids, n, kw.pop("end_id", EOS), Sampling(), c, **kw))
+    return c
+
+
+def test_requests_join_while_another_runs(engine):
+    long = submit(engine, [10, 11, 12], 200, streaming=True, end_id=-1)
+    wait_tokens(long, 5)
+    short = submit(engine, [20, 21], 5, end_id=-1)
+    assert short.done.wait(60) and long.done.wait(120)
+    assert len(short.ids) == 5 and len(long.ids) == 200
+    assert short.finished_at < long.finished_at, "the short request waited for the long one: not in-flight"
+    assert engine.live_requests == 0
+
+
+def test_streaming_chunks_equal_the_whole_output(engine):
+    whole = submit(engine, [5, 6, 7, 8], 40, end_id=-1)
+    streamed = submit(engine, [5, 6, 7, 8], 40, streaming=True, end_id=-1)
+    assert whole.done.wait(60) and streamed.done.wait(60)
+    assert len(streamed.chunks) > 5 and streamed.ids == whole.ids and whole.reason == "length"
+
+
+def test_stop_by_key_and_client_cancellation(engine):
+    stopped = submit(engine, [1, 2, 3], 200, streaming=True, end_id=-1, key="req-1")
+    wait_tokens(stopped, 3)
+    engine.stop("req-1")
+    assert stopped.done.wait(30) and stopped.reason == "cancelled" and len(stopped.ids) < 200
+    gone = threading.Event()
+    cancelled = submit(engine, [1, 2, 3], 200, streaming=True, end_id=-1, is_cancelled=gone.is_set)
+    wait_tokens(cancelled, 3)
+    gone.set()
+    assert cancelled.done.wait(30) and cancelled.reason == "cancelled"
+    assert engine.live_requests == 0
+
+
+def test_multi_token_stop_sequence_ends_generation(engine):
+    free = submit(engine, [30, 31, 32], 30, end_id=-1)
+    assert free.done.wait(60)
+    stop = free.ids[10:12]
+    first = next(i for i in range(len(free.ids) - 1) if free.ids[i:i + 2] == stop)
+    stopped = submit(engine, [30, 31, 32], 30, end_id=-1, stop_sequences=[stop])
+    assert stopped.done.wait(60)
+    assert stopped.ids == free.ids[:first + 2] and stopped.reason == "stop"
+
+
+@pytest.mark.parametrize("ids,n,match", [([], 4, "empty"), ([1, 2], 0, "at least 1"), ([1] * 200, 100, "context")])
+def test_refusals(engine, ids, n, match):
+    with pytest.raises(RequestError, match=match):
+        submit(engine, ids, n)
