@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_embedding_triton import varied_sentences
 
 from builder.serve.ports import free_ports
+from tests.support.texts import varied_sentences
 
 NAME = "all-minilm-l6-v2"
 PRECISIONS = ["fp32", "fp16", "int8", "fp8"]
