@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 nginx:
 	@command -v nginx >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
 
-demo: install
+demo: install nginx
 	$(PY) -m builder.cli.demo
 
 # The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers),

@@ -25,10 +25,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.errors import InvalidArgumentError, SourceError
-from backends.contract.naming import DeploymentName, check_name
-from backends.contract.precisions import check_precision as _check_precision
+from backends.contract.naming import check_name
 from backends.contract.precisions import DEFAULT_PRECISIONS
+from backends.contract.precisions import check_precision as _check_precision
+from backends.errors import InvalidArgumentError, SourceError
 
 KINDS = ("llm", "embedding")
 ENGINES = ("auto", "cpu", "tensorrt-llm")

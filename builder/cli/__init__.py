@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from builder.cli.allowed_ips import allowed_ips
+from builder.cli.api_keys import api_keys
 from builder.cli.base import Group
 from builder.cli.build import build_engines
 from builder.cli.repo import repo
@@ -25,5 +26,6 @@ main.add_command(build_engines, name="build")
 main.add_command(serve)
 main.add_command(repo)
 main.add_command(allowed_ips)
+main.add_command(api_keys)
 
 __all__ = ["main", "build_engines"]

@@ -1,7 +1,7 @@
 """`serverless-triton allowed-ips list|add|remove|set`: change who may reach a running deployment.
 
 The commands find the deployment through its state directory (the one `serve` printed; by default
-~/.cache/serverless-triton/serve-<http port>/). Every entry is validated before anything changes;
+$XDG_CACHE_HOME/serverless-triton/serve-<http port>/). Every entry is validated before anything changes;
 a running nginx is reloaded gracefully (in-flight requests finish) after `nginx -t` passes.
 """
 
@@ -12,20 +12,12 @@ from pathlib import Path
 import click
 
 from backends.errors import InvalidArgumentError
-from builder.serve.proxy import AccessRules, StateDir, apply_rules, default_state_dir
-
-
-def _state_options(f):
-    f = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-                     help="State directory of the serve to change "
-                          "[default: ~/.cache/serverless-triton/serve-HTTP_PORT]")(f)
-    f = click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535),
-                     help="Public HTTP port of the serve (picks the default state directory).")(f)
-    return f
+from builder.cli.base import state_dir_options, state_dir_path
+from builder.serve.proxy import AccessRules, StateDir, apply_rules
 
 
 def _state(state_dir: Path | None, http_port: int) -> StateDir:
-    state = StateDir(state_dir if state_dir else default_state_dir(http_port))
+    state = StateDir(state_dir_path(state_dir, http_port))
     state.read_layout()  # raises with the fix when no serve ever used this directory
     return state
 
@@ -57,7 +49,7 @@ def allowed_ips() -> None:
 
 
 @allowed_ips.command("list")
-@_state_options
+@state_dir_options
 def list_(state_dir, http_port):
     """Print the allowed IPs (one per line) and the trusted proxies."""
     rules = _current(_state(state_dir, http_port))
@@ -71,7 +63,7 @@ def list_(state_dir, http_port):
 
 @allowed_ips.command()
 @click.argument("entries", nargs=-1, required=True)
-@_state_options
+@state_dir_options
 def add(entries, state_dir, http_port):
     """Allow ENTRIES in addition to the current list."""
     state = _state(state_dir, http_port)
@@ -80,7 +72,7 @@ def add(entries, state_dir, http_port):
 
 @allowed_ips.command()
 @click.argument("entries", nargs=-1, required=True)
-@_state_options
+@state_dir_options
 def remove(entries, state_dir, http_port):
     """Stop allowing ENTRIES (never empties the list: that is `set --everyone`)."""
     state = _state(state_dir, http_port)
@@ -95,7 +87,7 @@ def remove(entries, state_dir, http_port):
 @allowed_ips.command("set")
 @click.argument("entries", nargs=-1)
 @click.option("--everyone", is_flag=True, help="Empty the list: every address is allowed.")
-@_state_options
+@state_dir_options
 def set_(entries, everyone, state_dir, http_port):
     """Replace the list with ENTRIES (or empty it with --everyone)."""
     if bool(entries) == everyone:

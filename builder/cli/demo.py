@@ -1,48 +1,56 @@
-"""`make demo`: build the embedded default models at int8, serve them with a real Triton, ask the
-LLM a question (plain and streamed), embed two sentences, print their similarity, shut down."""
+"""`make demo`: build the embedded default models at int8, serve them as users do (`serverless-triton
+serve`: nginx, the OpenAI gateway, Triton), create an API key, ask the LLM with the openai client
+(plain and streamed) and over gRPC, embed two sentences, print their similarity, shut down."""
 
 from __future__ import annotations
 
+import json
+import os
+import queue
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import tritonclient.grpc as grpcclient
+from openai import OpenAI
 
 from backends.contract.naming import DeploymentName
 from builder.build.deployment import DeploymentSpec
 from builder.build.pipeline import BuildOptions, build
 from builder.build.sources.checkpoint import DEFAULT_EMBEDDING_NAME, DEFAULT_LLM_NAME
-from builder.serve.embedding_client import embed_texts
 from builder.serve.ports import free_ports
-from builder.serve.triton_server import Ports, TritonServer
 
 QUESTION = "What is the capital of France, and what is it famous for?"
 SENTENCES = ("A cat sits on the warm windowsill.", "A kitten is resting in the sun by the window.")
 
 
-def ask(url: str, model: str, question: str, max_tokens: int = 64) -> str:
-    import json
+def start_serve(repo: Path, state: Path, log: Path) -> tuple[subprocess.Popen, int, int]:
+    """`serverless-triton serve` (nginx, the OpenAI gateway, Triton) on free loopback ports."""
+    http, grpc, metrics = free_ports(3)
+    cmd = [sys.executable, "-m", "builder", "serve", "-r", str(repo), "--http-port", str(http), "--grpc-port",
+           str(grpc), "--metrics-port", str(metrics), "--public-address", "127.0.0.1", "--state-dir", str(state),
+           "--log-file", str(log)]
+    out = open(log.with_name("serve.out"), "wb")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while b"Ctrl-C to stop." not in log.with_name("serve.out").read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("serve did not start: " + log.with_name("serve.out").read_text()[-2000:])
+        time.sleep(0.2)
+    return proc, http, grpc
 
-    import tritonclient.http as httpclient
 
-    messages = json.dumps([{"role": "user", "content": question}])
-    inputs = []
-    for name, value, dtype, np_type in (("messages", messages.encode(), "BYTES", object),
-                                        ("max_tokens", max_tokens, "INT32", np.int32)):
-        t = httpclient.InferInput(name, [1, 1], dtype)
-        t.set_data_from_numpy(np.array([[value]], dtype=np_type))
-        inputs.append(t)
-    with httpclient.InferenceServerClient(url) as client:
-        return client.infer(model, inputs).as_numpy("text_output").reshape(-1)[0].decode()
+def create_key(state: Path) -> str:
+    result = subprocess.run([sys.executable, "-m", "builder", "api-keys", "create", f"demo-{int(time.time())}",
+                             "--state-dir", str(state)], capture_output=True, text=True, check=True)
+    return result.stdout.strip().splitlines()[-1]
 
 
-def stream(url: str, model: str, question: str, max_tokens: int = 48) -> None:
-    import json
-    import queue
-
-    import tritonclient.grpc as grpcclient
-
+def grpc_stream(url: str, model: str, question: str, key: str, max_tokens: int = 48) -> None:
+    """Token streaming over gRPC with tritonclient, the key in the call's metadata."""
     done: queue.Queue = queue.Queue()
     inputs = []
     for name, value, dtype, np_type in (("messages", json.dumps([{"role": "user", "content": question}]).encode(),
@@ -56,12 +64,11 @@ def stream(url: str, model: str, question: str, max_tokens: int = 48) -> None:
         if error is not None:
             done.put(error)
             return
-        text = result.as_numpy("text_output").reshape(-1)[0].decode()
-        print(text, end="", flush=True)
+        print(result.as_numpy("text_output").reshape(-1)[0].decode(), end="", flush=True)
         if result.as_numpy("finish_reason").reshape(-1)[0]:
             done.put(None)
 
-    client.start_stream(callback=on_response)
+    client.start_stream(callback=on_response, headers={"authorization": f"Bearer {key}"})
     client.async_stream_infer(model, inputs)
     error = done.get(timeout=300)
     client.stop_stream()
@@ -73,7 +80,7 @@ def stream(url: str, model: str, question: str, max_tokens: int = 48) -> None:
 
 def main() -> int:
     out = Path("demo-output")
-    repo = out / "repository"
+    repo, state = out / "repository", out / "state"
     llm = DeploymentName(DEFAULT_LLM_NAME, "int8")
     emb = DeploymentName(DEFAULT_EMBEDDING_NAME, "int8")
     print(f"== build-engines: {llm} and {emb} -> {repo}")
@@ -82,19 +89,36 @@ def main() -> int:
                     DeploymentSpec(DEFAULT_EMBEDDING_NAME, kind="embedding", precisions=["int8"])],
                    BuildOptions(output=repo, cache_dir=out / "cache"))
     print(f"   {len(result.built)} built, {len(result.up_to_date)} up to date ({time.monotonic() - t0:.0f} s)")
-    ports = Ports(*free_ports(3))
-    print(f"== serve: tritonserver on 127.0.0.1:{ports.http} (HTTP) and :{ports.grpc} (gRPC)")
-    with TritonServer(repo, ports, log_path=out / "triton.log") as server:
-        print(f"== {llm} (tritonclient HTTP infer): {QUESTION}")
-        print("   " + ask(server.http_url, llm.llm, QUESTION).strip().replace("\n", "\n   "))
-        print(f"== {llm} (gRPC streaming): Name three rivers in Europe.")
+    print("== serverless-triton serve (nginx -> OpenAI gateway + Triton, API keys on)")
+    proc, http, grpc = start_serve(repo, state, out / "triton.log")
+    try:
+        key = create_key(state)
+        print(f"   http://127.0.0.1:{http}/v1 (OpenAI), gRPC 127.0.0.1:{grpc}; "
+              f"api-keys create printed a key ({key[:7]}...)")
+        client = OpenAI(base_url=f"http://127.0.0.1:{http}/v1", api_key=key)
+        print(f"== {llm} (openai chat.completions): {QUESTION}")
+        answer = client.chat.completions.create(model=str(llm), messages=[{"role": "user", "content": QUESTION}],
+                                                max_tokens=64, temperature=0)
+        print("   " + answer.choices[0].message.content.strip().replace("\n", "\n   "))
+        print(f"   usage: {answer.usage.prompt_tokens} prompt + {answer.usage.completion_tokens} completion tokens")
+        print(f"== {llm} (openai, stream=True): Name three rivers in Europe.")
         print("   ", end="")
-        stream(server.grpc_url, llm.llm_stream, "Name three rivers in Europe.")
-        vectors = embed_texts(server.http_url, emb.embedding, list(SENTENCES))
+        for chunk in client.chat.completions.create(model=str(llm), stream=True, max_tokens=48, temperature=0,
+                                                    messages=[{"role": "user", "content": "Name three rivers in Europe."}]):
+            if chunk.choices:
+                print(chunk.choices[0].delta.content or "", end="", flush=True)
+        print()
+        print(f"== {llm} (tritonclient gRPC streaming, key in the metadata): Name a famous painter.")
+        print("   ", end="")
+        grpc_stream(f"127.0.0.1:{grpc}", llm.llm_stream, "Name a famous painter.", key)
+        vectors = np.array([d.embedding for d in client.embeddings.create(model=str(emb), input=list(SENTENCES)).data])
         similarity = float(vectors[0] @ vectors[1] / (np.linalg.norm(vectors[0]) * np.linalg.norm(vectors[1])))
-        print(f"== {emb}: cosine similarity {similarity:.4f}")
+        print(f"== {emb} (openai embeddings): cosine similarity {similarity:.4f}")
         for s in SENTENCES:
             print(f"   - {s}")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(120)
     print("== stopped")
     return 0
 

@@ -1,7 +1,9 @@
-"""`serverless-triton serve`: Triton behind nginx (allowed IPs) until Ctrl-C or SIGTERM.
+"""`serverless-triton serve`: Triton and the OpenAI gateway behind nginx (allowed IPs, API keys)
+until Ctrl-C or SIGTERM.
 
-By default Triton listens on loopback on free ports and nginx owns the public HTTP and gRPC ports
-(see builder/serve/proxy.py and docs/proxy.md). `--no-proxy` serves Triton directly for local work.
+By default Triton and the gateway listen on loopback on free ports and nginx owns the public HTTP
+and gRPC ports (see builder/serve/proxy.py, docs/proxy.md and docs/openai-api.md). `--no-proxy`
+serves Triton directly for local work (no /v1, no keys).
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from builder.serve.gpu_host import mpi_world
 from builder.serve.serving import (
     build_proxy,
     endpoints,
+    gateway_for,
+    key_hint,
     open_repository,
     refresh_on_sighup,
     refuse_rules_without_proxy,
     run_until_signalled,
-    triton_models,
 )
 from builder.serve.storage import is_s3_url
 from builder.serve.triton_server import Ports, TritonServer
@@ -48,19 +51,25 @@ from builder.serve.triton_server import Ports, TritonServer
               help="Deployment file; its [serving] allowed_ips / trusted_proxies are used.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
               help="nginx config, pid, logs and allowed_ips.json [default: $XDG_CACHE_HOME/serverless-triton/serve-HTTP_PORT]")
-@click.option("--no-proxy", is_flag=True, help="Serve Triton directly, without nginx (local development).")
+@click.option("--public", is_flag=True,
+              help="No API keys: anyone the allowed IPs let in may call /v1, /v2 and gRPC.")
+@click.option("--max-body-size", default=32, show_default=True, type=click.IntRange(1, 1024), metavar="MIB",
+              help="Largest /v1 request body in MiB (413 above).")
+@click.option("--no-proxy", is_flag=True,
+              help="Serve Triton directly, without nginx, the OpenAI API or keys (local development).")
 @click.option("--tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="tritonserver binary (default: the one bundled in nvidia-pytriton).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Write Triton's log here.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for every model to be ready.")
 def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address, public_addresses, allowed_ips,
-          trusted_proxies, deployment, state_dir, no_proxy, tritonserver, log_file, timeout):
+          trusted_proxies, deployment, state_dir, public, max_body_size, no_proxy, tritonserver, log_file, timeout):
     """Serve a model repository with tritonserver behind nginx until Ctrl-C or SIGTERM.
 
-    Loads every model, waits until each one is READY, starts nginx on the public ports with the
-    allowed IPs, prints the endpoints, and on exit stops nginx gracefully, then Triton and its
-    Python stubs (no orphan processes). Change the allowed IPs while it runs with
-    `serverless-triton allowed-ips`.
+    Loads every model, waits until each one is READY, starts the OpenAI gateway (/v1) and nginx on
+    the public ports with the allowed IPs and API keys, prints the endpoints, and on exit stops
+    nginx gracefully, then the gateway, then Triton and its Python stubs (no orphan processes).
+    Change the allowed IPs and keys while it runs with `serverless-triton allowed-ips` and
+    `serverless-triton api-keys`.
     """
     repo, manifest = open_repository(repository, endpoint_url, click.echo)
     world_size, rank_models = mpi_world(manifest)
@@ -70,16 +79,20 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address,
         ports = Ports(http_port, grpc_port, metrics_port)
     else:
         internal, proxy = build_proxy(http_port, grpc_port, address, public_addresses, state_dir, deployment,
-                                      allowed_ips, trusted_proxies)
+                                      allowed_ips, trusted_proxies, keys_required=not public)
         ports = Ports(internal.http, internal.grpc, metrics_port)
     server = TritonServer(repo, ports, address=address, tritonserver=tritonserver, log_path=log_file,
-                          ready_timeout=timeout, load_models=triton_models(manifest), mpi_world_size=world_size,
+                          ready_timeout=timeout, mpi_world_size=world_size,
                           rank_models=rank_models)
+    gateway = gateway_for(proxy, server, repo, max_body_size << 20) if proxy else None
 
     def announce() -> None:
         click.echo("ready")
         for line in endpoints(server, manifest, proxy):
             click.echo("  " + line)
+        hint = key_hint(proxy) if proxy else None
+        if hint:
+            click.echo(hint)
         click.echo("Ctrl-C to stop.")
 
     click.echo(f"starting tritonserver on {repo} ...")
@@ -87,7 +100,7 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address,
     undo = (refresh_on_sighup(repository, repo, server.http_url, endpoint_url, click.echo) if from_store
             else (lambda: None))
     try:
-        run_until_signalled(server, announce, proxy)
+        run_until_signalled(server, announce, proxy, gateway)
     finally:
         undo()
     click.echo("stopped")

@@ -47,3 +47,14 @@ def children(pid: int) -> dict[int, list[str]]:
         if int(fields[1]) == pid:
             found[int(stat.parent.name)] = fields
     return found
+
+
+def die_with_parent() -> None:
+    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux), so a
+    killed `serve` cannot leave Triton, its stubs or the gateway running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass

@@ -34,11 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-
 from backends.errors import InvalidArgumentError, ProxyError
 from builder.paths import cache_root
-from builder.templating import strict_environment
 from builder.serve.processes import children, stop_process_group
+from builder.templating import strict_environment
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
@@ -120,6 +119,8 @@ class ProxyLayout:
     triton_http: str                  # host:port on loopback
     triton_grpc: str
     public_addresses: tuple[str, ...] = ("0.0.0.0",)
+    gateway: str = ""                 # host:port of the OpenAI gateway on loopback ("": none)
+    keys_required: bool = False       # API keys on /v2 and gRPC (auth_request to the gateway)
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ def render_config(state: StateDir, layout: ProxyLayout, rules: AccessRules) -> s
         listen_addresses=[_listen(a) for a in layout.public_addresses],
         http_port=layout.http_port, grpc_port=layout.grpc_port,
         triton_http=layout.triton_http, triton_grpc=layout.triton_grpc,
+        gateway=layout.gateway, keys_required=layout.keys_required and bool(layout.gateway),
         allowed_ips=rules.allowed_ips, trusted_proxies=rules.trusted_proxies,
     )
 

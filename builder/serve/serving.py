@@ -14,6 +14,8 @@ from backends.contract.manifest import Manifest, check_runtimes, read_manifest
 from backends.errors import InvalidArgumentError, ProxyError, ServeError, UserError
 from builder.build.deployment import load_deployment_file
 from builder.serve import storage
+from builder.serve.gateway.keys import KeyStore
+from builder.serve.gateway_process import GatewayProcess
 from builder.serve.gpu_host import check_serving_host
 from builder.serve.ports import free_port
 from builder.serve.proxy import (
@@ -41,6 +43,11 @@ def endpoints(server: TritonServer, manifest: Manifest, proxy: Proxy | None = No
     if proxy is not None:
         allowed = ", ".join(proxy.rules.allowed_ips) or "everyone (empty list)"
         lines.append(f"allowed  {allowed}")
+        keys = "required (Authorization: Bearer KEY; gRPC metadata too)" if proxy.layout.keys_required else \
+            "off (--public)"
+        lines.insert(1, f"OpenAI   http://{http}/v1  (openai SDK base_url; /v1/models, /v1/chat/completions, "
+                        "/v1/completions, /v1/embeddings)")
+        lines.append(f"API keys {keys}")
         if proxy.rules.trusted_proxies:
             lines.append(f"proxies  X-Forwarded-For trusted from {', '.join(proxy.rules.trusted_proxies)}")
         lines.append(f"state    {proxy.state.path}  (serverless-triton allowed-ips ... --state-dir this)")
@@ -50,10 +57,12 @@ def endpoints(server: TritonServer, manifest: Manifest, proxy: Proxy | None = No
     return lines
 
 
-def run_until_signalled(server: TritonServer, on_ready=None, proxy: Proxy | None = None) -> None:
-    """Start Triton (then nginx, once Triton is ready), block until SIGINT/SIGTERM or either dies.
+def run_until_signalled(server: TritonServer, on_ready=None, proxy: Proxy | None = None,
+                        gateway: GatewayProcess | None = None) -> None:
+    """Start Triton, then (once it is ready) the OpenAI gateway and nginx; block until SIGINT/SIGTERM
+    or one of them dies.
 
-    On the way out nginx stops first (gracefully), then Triton and its Python stubs.
+    On the way out nginx stops first (gracefully), then the gateway, then Triton and its stubs.
     """
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -62,6 +71,8 @@ def run_until_signalled(server: TritonServer, on_ready=None, proxy: Proxy | None
             proxy.prepare()  # a config nginx rejects fails before Triton loads anything
         server.start()
         server.wait_ready()
+        if gateway:
+            gateway.start()
         if proxy:
             proxy.start()
         if on_ready:
@@ -69,11 +80,15 @@ def run_until_signalled(server: TritonServer, on_ready=None, proxy: Proxy | None
         while not stop.wait(0.5):
             if server.process is None or server.process.poll() is not None:
                 raise ServeError("tritonserver exited unexpectedly: see its log")
+            if gateway and not gateway.running():
+                raise ServeError(f"the OpenAI gateway exited unexpectedly: see {gateway.log_path}")
             if proxy and not proxy.running():
                 raise ProxyError(f"nginx exited unexpectedly: see {proxy.state.error_log}")
     finally:
         if proxy:
             proxy.stop()
+        if gateway:
+            gateway.stop()
         server.stop()
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -113,16 +128,33 @@ def check_loopback(address: str) -> None:
 
 
 def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, state_dir: Path | None,
-                deployment: Path | None, allowed_ips, trusted_proxies) -> tuple[Ports, Proxy]:
-    """Triton's internal ports and the nginx front that owns the public ones."""
+                deployment: Path | None, allowed_ips, trusted_proxies, keys_required: bool = True
+                ) -> tuple[Ports, Proxy]:
+    """Triton's internal ports and the nginx front that owns the public ones (with the OpenAI
+    gateway on a loopback port of its own behind /v1, and as the key check of /v2 and gRPC)."""
     check_loopback(address)
     internal = Ports(free_port(address), free_port(address))
     state = StateDir(Path(state_dir) if state_dir else default_state_dir(http_port))
     host = f"[{address}]" if ":" in address else address
     layout = ProxyLayout(http_port, grpc_port, f"{host}:{internal.http}", f"{host}:{internal.grpc}",
-                         tuple(public_addresses))
+                         tuple(public_addresses), gateway=f"127.0.0.1:{free_port()}", keys_required=keys_required)
     rules = access_rules(state, deployment, allowed_ips, trusted_proxies)
     return internal, Proxy(state, layout, rules)
+
+
+def gateway_for(proxy: Proxy, server: TritonServer, repository: Path, max_body_bytes: int) -> GatewayProcess:
+    """The gateway behind this proxy: keys from the proxy's state directory, log beside nginx's."""
+    port = int(proxy.layout.gateway.rsplit(":", 1)[1])
+    return GatewayProcess(server.http_url, repository, proxy.state.path, port, public=not proxy.layout.keys_required,
+                          max_body_bytes=max_body_bytes, log_path=proxy.state.logs / "gateway.log")
+
+
+def key_hint(proxy: Proxy) -> str | None:
+    """What to do when keys are required and none exists yet (the first serve)."""
+    if not proxy.layout.keys_required or KeyStore(proxy.state.path).list():
+        return None
+    return (f"no API key yet: every call needs one; create it with `serverless-triton api-keys create NAME "
+            f"--state-dir {proxy.state.path}` (or serve --public to turn keys off)")
 
 
 def pull_for_serve(url: str, endpoint_url: str | None, echo: Callable[[str], None]) -> Path:
@@ -175,11 +207,3 @@ def open_repository(repository: str, endpoint_url: str | None, echo: Callable[[s
     check_runtimes(repo, manifest)
     check_serving_host(manifest)  # GPU engines only load on the GPU/TensorRT they were built for
     return repo, manifest
-
-
-def triton_models(manifest: Manifest) -> list[str] | None:
-    """Every Triton model the manifest's deployments need (None: a repository without a manifest,
-    whose every model is loaded)."""
-    if not manifest.deployments:
-        return None
-    return sorted({m for entry in manifest.deployments.values() for m in entry.triton_models})

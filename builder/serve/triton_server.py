@@ -25,7 +25,7 @@ from pathlib import Path
 
 from backends.errors import ServeError
 from builder.paths import cache_root
-from builder.serve.processes import stop_process_group
+from builder.serve.processes import die_with_parent, stop_process_group
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,6 @@ def remove_shared_memory(prefix: str) -> int:
     for region in left:
         region.unlink(missing_ok=True)
     return len(left)
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGTERM when the process that started it dies, even by SIGKILL (Linux), so a
-    killed `serve` cannot leave Triton and its stubs running."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def repository_models(repository: Path) -> list[str]:
@@ -184,7 +173,7 @@ class TritonServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             self.command(), env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent,
+            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
             cwd=Path(self.repository).resolve(),  # tensorrtllm resolves relative engine paths from here
         )
         return self

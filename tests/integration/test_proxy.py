@@ -217,7 +217,7 @@ class Deployment:
                "--repository", str(self.repository), "--http-port", str(self.http), "--grpc-port", str(self.grpc),
                "--metrics-port", str(self.metrics), "--public-address", "127.0.0.1",
                "--state-dir", str(self.state.path), "--allowed-ip", "127.0.0.1/32", "--trusted-proxy", "127.0.0.3",
-               "--log-file", str(tmp / "triton.log")]
+               "--public", "--log-file", str(tmp / "triton.log")]   # IP rules here; keys: test_openai_serve.py
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.output, "wb") as out:
             self.process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

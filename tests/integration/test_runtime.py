@@ -19,8 +19,7 @@ from builder.build.deployment import DeploymentSpec
 from builder.build.pipeline import BuildOptions, build
 from builder.build.runtime import default_source
 from builder.serve.ports import free_ports
-from builder.serve.serving import triton_models
-from builder.serve.triton_server import Ports, TritonServer
+from builder.serve.triton_server import Ports, TritonServer, repository_models
 from tests.support.llm_client import generate
 
 pytestmark = pytest.mark.slow
@@ -64,7 +63,7 @@ def test_built_repositories_keep_their_runtime_on_a_newer_host(tiny_repository, 
     # the serving host has the newer code installed, ahead of everything else on the stubs' path
     monkeypatch.setenv("PYTHONPATH", str(newer_runtime))
     server = TritonServer(tiny_repository, Ports(*free_ports(3)), cache_dir=cache_dir, log_path=tmp_path / "triton.log",
-                          load_models=triton_models(old) + triton_models(new),
+                          load_models=repository_models(tiny_repository) + repository_models(newer_repository),
                           extra_args=[f"--model-repository={newer_repository.resolve()}"])
     with server:
         old_text = _text(server, DeploymentName(TINY_NAME, "fp32").llm)

@@ -9,8 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from backends.contract.manifest import (MANIFEST_NAME, SCHEMA_VERSION, DeploymentEntry, Manifest, RuntimeInfo,
-                                        check_runtimes, checksums, read_manifest, write_manifest)
+from backends.contract.manifest import (
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    DeploymentEntry,
+    Manifest,
+    RuntimeInfo,
+    check_runtimes,
+    checksums,
+    read_manifest,
+    write_manifest,
+)
 from backends.errors import SourceError
 from builder.build import pipeline, runtime
 

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from backends.errors import BuildError
-from builder.build.engines import openvino_grouped_int8
 from backends.contract.naming import DeploymentName
 from backends.contract.precisions import PRECISIONS
+from backends.errors import BuildError
+from builder.build.engines import openvino_grouped_int8
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"

@@ -15,7 +15,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-
 from tokenizers import Tokenizer
 
 from backends import embedding as emb

@@ -15,13 +15,20 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.contract.precisions import PRECISIONS
 from backends.tokenization import ModelTokenizer
 from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
-from builder.build.engines.openvino_common import (MODEL_XML, cached_export, cpu_plan, derive, enforce_floor,
-                                                   export_fp32, quantization_of)
+from builder.build.engines.openvino_common import (
+    MODEL_XML,
+    cached_export,
+    cpu_plan,
+    derive,
+    enforce_floor,
+    export_fp32,
+    quantization_of,
+)
 from builder.build.sources.checkpoint import Checkpoint
-from backends.contract.precisions import PRECISIONS
 
 # A fixed, varied text for the teacher-forced accuracy figure (prose, numbers, code, dialogue).
 ACCURACY_TEXT = (

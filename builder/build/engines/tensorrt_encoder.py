@@ -27,14 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from builder.build.deployment import DeploymentSpec
-from builder.build.engines.gpu import GpuInfo, tensorrt_version
-from builder.build.engines.tensorrt_llm import (DEFAULT_CALIBRATION_TEXTS, ApiCall, Step, _kwargs_src, _run_step,
-                                          prepare_gpu_build, read_hf_config)
 from backends.contract.naming import DeploymentName
 from backends.contract.tensors import TensorSpec
 from backends.errors import BuildError, InvalidArgumentError, UnsupportedModelError
+from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
+from builder.build.engines.gpu import GpuInfo, tensorrt_version
+from builder.build.engines.tensorrt_llm import (
+    DEFAULT_CALIBRATION_TEXTS,
+    ApiCall,
+    Step,
+    _kwargs_src,
+    _run_step,
+    prepare_gpu_build,
+    read_hf_config,
+)
 from builder.build.repository import render_config
 from builder.build.sources.checkpoint import Checkpoint
 from builder.build.sources.embedding_config import read_checkpoint_config

@@ -27,14 +27,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from builder.build.deployment import DeploymentSpec
-from builder.build.engines.gpu import GpuInfo, host_gpu, tensorrt_llm_version, tensorrt_version
-from backends.errors import BuildError, InvalidArgumentError, SourceError, UnsupportedModelError
 from backends.contract.naming import DeploymentName
+from backends.contract.precisions import PRECISIONS
+from backends.errors import (
+    BuildError,
+    InvalidArgumentError,
+    SourceError,
+    UnsupportedModelError,
+)
+from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
+from builder.build.engines.gpu import (
+    GpuInfo,
+    host_gpu,
+    tensorrt_llm_version,
+    tensorrt_version,
+)
 from builder.build.repository import render_config
 from builder.build.sources.checkpoint import Checkpoint, resolve_context_size
-from backends.contract.precisions import PRECISIONS
 
 TRTLLM_SERIES = "1.2"            # engines are built with TensorRT-LLM 1.2.x, nothing else
 TARGET = "tensorrt-llm"          # manifest engine.target

@@ -1,0 +1,50 @@
+"""`python -m builder.serve.gateway --triton 127.0.0.1:PORT --repository DIR --state-dir DIR --port N [--public]`
+
+Runs the gateway with uvicorn on loopback (nginx is the public front), log level warning and no
+access log, so keys and prompts never reach a log file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from builder.serve.gateway.app import create_app
+from builder.serve.gateway.config import DEFAULT_MAX_BODY_BYTES, GatewayConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m builder.serve.gateway", description=__doc__.splitlines()[0])
+    p.add_argument("--triton", required=True, help="Triton's HTTP address, HOST:PORT")
+    p.add_argument("--repository", required=True, type=Path, help="model repository (its manifest.json)")
+    p.add_argument("--state-dir", type=Path, help="directory of api-keys.json (required unless --public)")
+    p.add_argument("--port", required=True, type=int, help="port to listen on")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    p.add_argument("--public", action="store_true", help="no API keys: anyone who reaches the port may call")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="413 above this [32 MiB]")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Triton per request [600]")
+    p.add_argument("--default-max-tokens", type=int, help="cap for chat requests without max_tokens "
+                                                          "[none: the room left in the context]")
+    args = p.parse_args(argv)
+    if not args.public and args.state_dir is None:
+        p.error("--state-dir is required unless --public (it holds api-keys.json)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s gateway %(levelname)s %(message)s")
+    config = GatewayConfig(triton_url=args.triton, repository=args.repository, state_dir=args.state_dir,
+                           public=args.public, max_body_bytes=args.max_body_bytes, request_timeout=args.timeout,
+                           default_max_tokens=args.default_max_tokens)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False,
+                timeout_graceful_shutdown=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

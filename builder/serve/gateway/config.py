@@ -1,0 +1,28 @@
+"""Everything the gateway needs to know about its surroundings, in one value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """triton_url is `host:port` (or a full http:// URL) of Triton's HTTP API; state_dir holds
+    api-keys.json (required unless public)."""
+
+    triton_url: str
+    repository: Path
+    state_dir: Path | None = None
+    public: bool = False
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    request_timeout: float = 600.0
+    default_max_tokens: int | None = None   # cap for chat requests without max_tokens (None: the room left)
+    max_connections: int = 512
+
+    @property
+    def triton_base_url(self) -> str:
+        url = self.triton_url.rstrip("/")
+        return url if url.startswith(("http://", "https://")) else f"http://{url}"

@@ -1,0 +1,40 @@
+"""The gateway's shared parts, built once per app and handed to the routes as a dependency."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from builder.serve.gateway.auth import KeyGuard
+from builder.serve.gateway.config import GatewayConfig
+from builder.serve.gateway.deployments import Catalog
+from builder.serve.gateway.keys import KeyRecord
+from builder.serve.gateway.tokens import TokenCounters
+from builder.serve.gateway.triton_client import TritonClient
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    catalog: Catalog
+    triton: TritonClient
+    guard: KeyGuard | None          # None: public, no keys
+    tokens: TokenCounters
+
+
+def gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway)]
+
+
+def require_key(request: Request) -> KeyRecord | None:
+    """Dependency of every /v1 route: a valid, non-rate-limited key unless the gateway is public."""
+    guard = gateway(request).guard
+    if guard is None:
+        return None
+    return guard.check(request.headers.get("authorization"))
+

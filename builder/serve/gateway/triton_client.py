@@ -1,0 +1,162 @@
+"""Triton's HTTP API, async, through one shared connection pool.
+
+No lock around calls: concurrent requests reach Triton together, so its in-flight batching still
+batches them. Streams are read event by event (never buffered) and closing one closes the
+connection, which Triton's streaming model sees as a departed client and stops generating.
+Triton's answers are turned into `ApiError`s here, so the routers only see OpenAI-shaped errors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import numpy as np
+
+from builder.serve.gateway.errors import ApiError, bad_request, unavailable
+
+_ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
+_NOT_LOADED = ("request for unknown model", "model is not ready")
+_INTERNAL = ("internal error", "failed to process the request")
+_HEADER_LENGTH = "inference-header-content-length"
+CONFIG_TTL = 30.0
+
+
+def triton_error(status: int, message: str, model: str) -> ApiError:
+    """A Triton error answer as the gateway's: 400s pass through (without the ensemble prefix),
+    a model that is not loaded or a busy server is a 503 the client may retry, a crash in a
+    model a 502."""
+    message = _ENSEMBLE_PREFIX.sub("", message.strip()) or f"Triton answered {status}"
+    lowered = message.lower()
+    if status in (404, 503) or lowered.startswith(_NOT_LOADED):
+        return unavailable(f"{model} is not available right now ({message}); retry shortly", 2)
+    if status >= 500:
+        return unavailable(f"Triton could not serve the request ({message}); retry shortly")
+    if lowered.startswith(_INTERNAL):
+        return ApiError(502, message, type="server_error", code="bad_gateway")
+    code = "context_length_exceeded" if "context size" in lowered else "invalid_value"
+    return bad_request(message, code=code)
+
+
+def _message(raw: bytes) -> str:
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw.decode("utf-8", "replace")[:500]
+    return str(data.get("error", data)) if isinstance(data, dict) else str(data)
+
+
+class TritonStream:
+    """An open /generate_stream answer: `next()` gives one event (a dict) or None at the end."""
+
+    def __init__(self, response: httpx.Response, model: str):
+        self._response, self._model = response, model
+        self._lines: AsyncIterator[str] = response.aiter_lines()
+
+    async def next(self) -> dict[str, Any] | None:
+        try:
+            async for line in self._lines:
+                if not line.startswith("data:"):
+                    continue
+                event = json.loads(line[5:].strip())
+                if "error" in event:
+                    raise triton_error(400, str(event["error"]), self._model)
+                return event
+        except httpx.TransportError as e:
+            raise unavailable(f"the connection to Triton broke mid-stream ({type(e).__name__})") from None
+        return None
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class TritonClient:
+    """One pool of keep-alive connections to Triton, shared by every request of the gateway."""
+
+    def __init__(self, base_url: str, timeout: float, max_connections: int = 512,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        self.base_url = base_url
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.AsyncClient(base_url=base_url, limits=limits, transport=transport,
+                                       timeout=httpx.Timeout(timeout, connect=5.0))
+        self._configs: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _post(self, path: str, model: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = await self._http.post(path, **kwargs)
+        except httpx.TimeoutException:
+            raise ApiError(504, f"Triton did not answer within the gateway's timeout for {model}",
+                           type="server_error", code="timeout") from None
+        except httpx.TransportError as e:
+            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__}); retry shortly") from None
+        if response.status_code != 200:
+            raise triton_error(response.status_code, _message(response.content), model)
+        return response
+
+    async def generate(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One complete generation (the non-decoupled ensemble)."""
+        response = await self._post(f"/v2/models/{model}/generate", model, json=body)
+        return response.json()
+
+    async def open_stream(self, model: str, body: dict[str, Any]) -> TritonStream:
+        """Start a streamed generation; the caller must `aclose()` the stream."""
+        request = self._http.build_request("POST", f"/v2/models/{model}/generate_stream", json=body)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise ApiError(504, f"Triton did not start streaming {model} in time", type="server_error",
+                           code="timeout") from None
+        except httpx.TransportError as e:
+            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__}); retry shortly") from None
+        if response.status_code != 200:
+            raw = await response.aread()
+            await response.aclose()
+            text = raw.decode("utf-8", "replace").strip()
+            raise triton_error(response.status_code, _message(text.removeprefix("data:").strip().encode()), model)
+        return TritonStream(response, model)
+
+    async def config(self, model: str) -> dict[str, Any]:
+        """The model's configuration, cached for CONFIG_TTL seconds (it changes only on a reload)."""
+        cached = self._configs.get(model)
+        if cached and time.monotonic() - cached[0] < CONFIG_TTL:
+            return cached[1]
+        try:
+            response = await self._http.get(f"/v2/models/{model}/config")
+        except httpx.TransportError as e:
+            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__})") from None
+        if response.status_code != 200:
+            raise triton_error(response.status_code, _message(response.content), model)
+        self._configs[model] = (time.monotonic(), response.json())
+        return self._configs[model][1]
+
+    async def input_names(self, model: str) -> set[str]:
+        return {i["name"] for i in (await self.config(model)).get("input", [])}
+
+    async def embed(self, model: str, texts: list[str]) -> np.ndarray:
+        """FP32 [n, dim] for n texts in one request (binary output: no float printing and parsing)."""
+        body = {"inputs": [{"name": "text", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}],
+                "outputs": [{"name": "embedding", "parameters": {"binary_data": True}}]}
+        response = await self._post(f"/v2/models/{model}/infer", model, json=body)
+        return decode_infer(response.content, response.headers.get(_HEADER_LENGTH), "embedding")
+
+
+def decode_infer(raw: bytes, header_length: str | None, name: str) -> np.ndarray:
+    """One FP32 output of a KServe v2 answer, JSON or with Triton's binary extension."""
+    size = int(header_length) if header_length else len(raw)
+    header = json.loads(raw[:size])
+    offset = size
+    for out in header["outputs"]:
+        length = out.get("parameters", {}).get("binary_data_size")
+        if out["name"] == name:
+            if length is None:
+                return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+            return np.frombuffer(raw[offset:offset + length], dtype="<f4").reshape(out["shape"])
+        offset += length or 0
+    raise ApiError(502, f"Triton's answer has no {name!r} output", type="server_error", code="bad_gateway")
