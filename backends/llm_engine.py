@@ -4,6 +4,13 @@ Requests join and leave between steps (in-flight batching): `submit` only enqueu
 thread adds new requests to the pipeline, advances every live request by one step, hands new
 tokens to each request's callback, and cancels requests whose client went away. Nothing here
 knows about Triton: the Triton model wraps callbacks around response senders.
+
+Penalties and structured output are openvino-genai's own (GenerationConfig.presence_penalty /
+frequency_penalty, StructuredOutputConfig: an xgrammar grammar masks the logits every step). The
+grammar is compiled inside `step()`, and a step that raises leaves the pipeline unusable, so
+backends.guided refuses what the compiler would refuse before a request gets here; should one slip
+through, the step's failure is answered (a 400 for the structured-output requests that had just
+joined, "retry" for the others) and the pipeline is built again with the same settings.
 """
 
 from __future__ import annotations
@@ -20,13 +27,15 @@ from pathlib import Path
 import numpy as np
 
 from backends.errors import RequestError
+from backends.guided import Penalties
 from backends.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
 STOP_KEY_TTL = 300.0
 
-# on_tokens(new_ids, final, finish_reason): finish_reason is "" until final, then stop|length|cancelled
+# on_tokens(new_ids, final, finish_reason): finish_reason is "" until final, then
+# stop|length|cancelled, or error (an engine failure: retry) / refused (the request's `refusal` says why)
 TokenCallback = Callable[[list[int], bool, str], None]
 
 
@@ -41,6 +50,9 @@ class GenerationRequest:
     streaming: bool = False
     is_cancelled: Callable[[], bool] = lambda: False
     key: str = ""       # the client's request id: a later `stop` for the same key ends it
+    penalties: Penalties = field(default_factory=Penalties)
+    json_schema: str | None = None    # grammar-constrained output following this JSON schema
+    refusal: str = ""                 # set by the engine before a final "refused"
 
 
 @dataclass
@@ -49,6 +61,7 @@ class _Live:
     handle: object
     generated: list[int] = field(default_factory=list)
     sent: int = 0
+    fresh: bool = True      # not yet through a successful step
 
 
 def ends_with_stop(generated: list[int], stops: list[list[int]]) -> int:
@@ -84,7 +97,9 @@ class ContinuousBatchingEngine:
         # CPUs, a u8-compressed KV cache) change greedy outputs; weights keep their stored
         # precision (fp16 / int8 / fp8).
         props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", **(properties or {})}
-        self.pipeline = og.ContinuousBatchingPipeline(str(engine_dir), scheduler, "CPU", props)
+        self._pipeline_args = (str(engine_dir), scheduler, "CPU", props)
+        self.pipeline = og.ContinuousBatchingPipeline(*self._pipeline_args)
+        self.rebuilds = 0
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._stopped_keys: dict[str, float] = {}  # key -> when `stop` arrived
         self._lock = threading.Lock()
@@ -157,6 +172,12 @@ class ContinuousBatchingEngine:
             cfg.top_k = s.top_k if s.top_k > 0 else 0
             cfg.top_p = s.top_p
             cfg.rng_seed = s.seed
+        # openvino-genai moves a generated token's logit toward zero (OpenAI subtracts): the same for
+        # the positive logits that compete for the next token, see docs/llm-deployments.md.
+        cfg.presence_penalty = req.penalties.presence
+        cfg.frequency_penalty = req.penalties.frequency
+        if req.json_schema is not None:
+            cfg.structured_output_config = self._og.StructuredOutputConfig(json_schema=req.json_schema)
         return cfg
 
     def _admit(self, block: bool) -> None:
@@ -223,6 +244,33 @@ class ContinuousBatchingEngine:
         if final:
             self._live.pop(rid, None)
 
+    def _step_failed(self, error: Exception) -> None:
+        """Answer every live request and build the pipeline again: a step that raised leaves it
+        unusable ("already in scheduling phase" on every later step). Structured-output requests
+        that joined for this step get a 400 with the grammar compiler's reason (its first line,
+        without source paths); the others a retryable error."""
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = (reason.rsplit(": ", 1)[-1] if ".cc:" in reason else reason).rstrip(". ")
+        log.error("pipeline step failed (%s): answering %d request(s) and rebuilding the pipeline",
+                  error, len(self._live))
+        for rid, live in list(self._live.items()):
+            live.handle.cancel()
+            req = live.request
+            if live.fresh and req.json_schema is not None:
+                req.refusal = (f"the JSON schema (guided_decoding_guide) could not be compiled into a grammar: "
+                               f"{reason}; simplify the schema")
+                self._deliver(req, [], True, "refused")
+            else:
+                self._deliver(req, [], True, "error")
+            self._live.pop(rid)
+        self.pipeline = None
+        try:
+            self.pipeline = self._og.ContinuousBatchingPipeline(*self._pipeline_args)
+            self.rebuilds += 1
+        except Exception:
+            log.exception("the pipeline could not be built again: the engine stops taking requests")
+            self._stop.set()
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._admit(block=not self._live)
@@ -231,18 +279,15 @@ class ContinuousBatchingEngine:
             try:
                 self.pipeline.step()
             except Exception as e:  # keep serving: fail the live requests, not the engine
-                log.error("pipeline step failed: %s", e)
-                for rid, live in list(self._live.items()):
-                    live.handle.cancel()
-                    self._deliver(live.request, [], True, "error")
-                    self._live.pop(rid)
+                self._step_failed(e)
                 continue
             for rid, live in list(self._live.items()):
+                live.fresh = False
                 self._collect(rid, live)
         # shutting down: finish every handle so none leaks
         for live in self._live.values():
             live.handle.cancel()
             self._deliver(live.request, [], True, "cancelled")
         self._live.clear()
-        while self.pipeline.has_non_finished_requests():
+        while self.pipeline is not None and self.pipeline.has_non_finished_requests():
             self.pipeline.step()

@@ -1,7 +1,8 @@
 """Preprocessing: a client request (plain values) -> the engine's inputs.
 
 One place validates everything a client sends, for either engine: prompt or chat messages,
-max_tokens against the context size, sampling ranges, stop and bad words.
+max_tokens against the context size, sampling ranges, penalties, structured output (guided
+decoding), stop and bad words.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 
 from backends.context import fit_chat, fit_prompt
 from backends.errors import RequestError
+from backends.guided import check_guide, check_penalties
 from backends.sampling import check_sampling
 from backends.tokenization import ModelTokenizer, parse_messages
 
@@ -33,6 +35,10 @@ class ClientRequest:
     random_seed: int | None = None
     stream: bool = False
     truncate: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    guided_decoding_guide_type: bytes | None = None
+    guided_decoding_guide: bytes | None = None
 
 
 def utf8(value: bytes, what: str) -> str:
@@ -86,6 +92,11 @@ def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> di
     else:
         raise RequestError("no prompt: send text_input (or messages for chat)")
     sampling = check_sampling(req.top_k, req.top_p, req.temperature, req.random_seed)
+    penalties = check_penalties(req.presence_penalty, req.frequency_penalty)
+    guide = check_guide(req.guided_decoding_guide_type, req.guided_decoding_guide)
+    if guide is not None and req.end_id == -1:
+        raise RequestError("end_id -1 (never stop at the end token) cannot be combined with guided decoding: the "
+                           "output ends at the end token once the JSON is complete; drop end_id")
     stop = [utf8(w, "stop_words") for w in req.stop_words if w]
     bad = [utf8(w, "bad_words") for w in req.bad_words if w]
     vocab = tok.tokenizer.get_vocab_size(with_added_tokens=True)
@@ -110,6 +121,10 @@ def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> di
         "OUT_TEMPERATURE": one(sampling.temperature, np.float32),
         "OUT_RANDOM_SEED": one(sampling.seed, np.uint64),
         "OUT_STREAMING": one(bool(req.stream), np.bool_),
+        "OUT_PRESENCE_PENALTY": one(penalties.presence, np.float32),
+        "OUT_FREQUENCY_PENALTY": one(penalties.frequency, np.float32),
+        "OUT_GUIDE_TYPE": np.array([guide.type.encode() if guide else b""], dtype=object),
+        "OUT_GUIDE": np.array([guide.guide.encode() if guide else b""], dtype=object),
         "PROMPT_TOKENS": one(len(fitted.ids), np.int32),
         "NOTICE": np.array([fitted.notice.encode()], dtype=object),
     }

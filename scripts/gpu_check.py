@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT))
 from backends.contract.naming import DeploymentName  # noqa: E402
 from backends.contract.precisions import PRECISIONS  # noqa: E402
 from builder.build.deployment import DeploymentSpec  # noqa: E402
-from builder.paths import cache_root  # noqa: E402
 from builder.build.engines import gpu, tensorrt_encoder, tensorrt_llm  # noqa: E402
+from builder.paths import cache_root  # noqa: E402
 
 PROMPTS = (
     "The capital of France is",

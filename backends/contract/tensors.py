@@ -43,6 +43,11 @@ ENSEMBLE_INPUTS = (
     T("temperature", "TYPE_FP32", (1,), optional=True),
     T("random_seed", "TYPE_UINT64", (1,), optional=True),
     T("stream", "TYPE_BOOL", (1,), optional=True),
+    # OpenAI's penalties (-2..2) and structured output, stock tensorrtllm names (backends/guided.py)
+    T("presence_penalty", "TYPE_FP32", (1,), optional=True),
+    T("frequency_penalty", "TYPE_FP32", (1,), optional=True),
+    T("guided_decoding_guide_type", "TYPE_STRING", (1,), optional=True),   # json | json_schema
+    T("guided_decoding_guide", "TYPE_STRING", (1,), optional=True),        # the JSON schema
     T("messages", "TYPE_STRING", (1,), optional=True, ours=True),   # JSON list of {role, content}
     T("truncate", "TYPE_BOOL", (1,), optional=True, ours=True),
 )
@@ -71,6 +76,12 @@ ENGINE_INPUTS = (
     T("seed", "TYPE_UINT64", (1,), optional=True),
     T("streaming", "TYPE_BOOL", (1,), optional=True),
     T("stop", "TYPE_BOOL", (1,), optional=True),
+    T("presence_penalty", "TYPE_FP32", (1,), optional=True),
+    T("frequency_penalty", "TYPE_FP32", (1,), optional=True),
+    # "" (none) or json_schema after preprocessing; the CPU engine also takes json, the GPU one all
+    # of TensorRT-LLM's guide types (its guided decoding with xgrammar)
+    T("guided_decoding_guide_type", "TYPE_STRING", (1,), optional=True),
+    T("guided_decoding_guide", "TYPE_STRING", (1,), optional=True),
 )
 
 ENGINE_OUTPUTS = (
@@ -94,6 +105,10 @@ PREPROCESSING_OUTPUTS = (
     T("OUT_TEMPERATURE", "TYPE_FP32", (1,)),
     T("OUT_RANDOM_SEED", "TYPE_UINT64", (1,)),
     T("OUT_STREAMING", "TYPE_BOOL", (1,)),
+    T("OUT_PRESENCE_PENALTY", "TYPE_FP32", (1,), ours=True),
+    T("OUT_FREQUENCY_PENALTY", "TYPE_FP32", (1,), ours=True),
+    T("OUT_GUIDE_TYPE", "TYPE_STRING", (1,), ours=True),     # "" when the request has no guide
+    T("OUT_GUIDE", "TYPE_STRING", (1,), ours=True),
     T("PROMPT_TOKENS", "TYPE_INT32", (1,), ours=True),
     T("NOTICE", "TYPE_STRING", (1,), ours=True),
 )
@@ -105,6 +120,8 @@ PREPROCESSING_TO_ENGINE = {
     "OUT_END_ID": "end_id", "OUT_PAD_ID": "pad_id", "STOP_WORDS_IDS": "stop_words_list",
     "BAD_WORDS_IDS": "bad_words_list", "OUT_TOP_K": "runtime_top_k", "OUT_TOP_P": "runtime_top_p",
     "OUT_TEMPERATURE": "temperature", "OUT_RANDOM_SEED": "seed", "OUT_STREAMING": "streaming",
+    "OUT_PRESENCE_PENALTY": "presence_penalty", "OUT_FREQUENCY_PENALTY": "frequency_penalty",
+    "OUT_GUIDE_TYPE": "guided_decoding_guide_type", "OUT_GUIDE": "guided_decoding_guide",
 }
 
 POSTPROCESSING_INPUTS = (

@@ -8,6 +8,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.errors import RequestError
+from backends.guided import check_guide, check_penalties
 from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
 from backends.preprocess import list_to_words
 from backends.sampling import check_sampling
@@ -39,6 +40,8 @@ class TritonPythonModel:
         sampling = check_sampling(top_k, io.scalar(r, "runtime_top_p", float),
                                   None if greedy else (temperature if temperature is not None else 1.0),
                                   io.scalar(r, "seed", int))
+        penalties = check_penalties(io.scalar(r, "presence_penalty", float), io.scalar(r, "frequency_penalty", float))
+        guide = check_guide(io.one_string(r, "guided_decoding_guide_type"), io.one_string(r, "guided_decoding_guide"))
         sender = r.get_response_sender()
 
         key = r.request_id()
@@ -48,6 +51,9 @@ class TritonPythonModel:
                 pb_utils.Logger.log_info(f"engine: request {key or '(no id)'} cancelled by the client")
             if reason == "error":
                 sender.send(io.error_response("the engine failed on this request; retry it", internal=True), flags=FINAL)
+                return
+            if reason == "refused":
+                sender.send(io.error_response(request.refusal), flags=FINAL)
                 return
             out = np.asarray(new_ids, dtype=np.int32).reshape(1, 1, -1)
             response = pb_utils.InferenceResponse([
@@ -59,7 +65,9 @@ class TritonPythonModel:
         end_id = io.scalar(r, "end_id", int)
         if end_id is None:
             raise RequestError("end_id is required by the engine")
-        return GenerationRequest(
+        if guide is not None and end_id < 0:
+            raise RequestError("end_id -1 cannot be combined with guided decoding: send the model's end token id")
+        request = GenerationRequest(
             input_ids=ids[:length].tolist(),
             max_new_tokens=io.scalar(r, "request_output_len", int) or 0,
             end_id=end_id,
@@ -69,7 +77,10 @@ class TritonPythonModel:
             streaming=bool(io.scalar(r, "streaming", bool)),
             is_cancelled=lambda: io.is_cancelled(r),
             key=key,
+            penalties=penalties,
+            json_schema=guide.guide if guide is not None else None,
         )
+        return request
 
     def execute(self, requests):
         for r in requests:

@@ -30,6 +30,10 @@ class TritonPythonModel:
             random_seed=io.scalar(r, "random_seed", int),
             stream=bool(io.scalar(r, "stream", bool)),
             truncate=bool(io.scalar(r, "truncate", bool)),
+            presence_penalty=io.scalar(r, "presence_penalty", float),
+            frequency_penalty=io.scalar(r, "frequency_penalty", float),
+            guided_decoding_guide_type=io.one_string(r, "guided_decoding_guide_type"),
+            guided_decoding_guide=io.one_string(r, "guided_decoding_guide"),
         )
         return pb_utils.InferenceResponse(io.tensors(preprocess(self.tokenizer, req, self.context_size)))
 

@@ -12,6 +12,7 @@ A deployment file (TOML) describes several models and the serving edge:
     precisions = ["fp16", "int8", "fp8"]
     context_size = 2048
     max_batch_size = 8
+    idle_timeout = 600                        # serving: unloaded after 10 idle minutes (0: never)
 
     [[models]]
     name = "all-minilm-l6-v2"
@@ -47,6 +48,7 @@ class DeploymentSpec:
     max_batch_size: int | None = None      # None: 8 requests in flight (llm), 64 texts a request (embedding)
     engine: str = "auto"                    # resolved to "cpu" or "tensorrt-llm" before building
     pooling: str | None = None              # embedding: override when the checkpoint has no 1_Pooling
+    idle_timeout: int | None = None         # serving: seconds idle before unloaded (serve --idle-timeout otherwise)
     # TensorRT-LLM only
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -71,6 +73,8 @@ class DeploymentSpec:
             raise InvalidArgumentError(f"max batch size {self.max_batch_size} is out of range: use 1 to 256")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise InvalidArgumentError(f"unknown pooling {self.pooling!r}: choose from {', '.join(POOLINGS)}")
+        if self.idle_timeout is not None and (not isinstance(self.idle_timeout, int) or self.idle_timeout < 0):
+            raise InvalidArgumentError(f"{self.name}: idle_timeout must be whole seconds >= 0 (0: never unloaded)")
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise InvalidArgumentError("tensor and pipeline parallel sizes must be at least 1")
 

@@ -18,6 +18,7 @@ from builder.serve.serving import (
     build_proxy,
     endpoints,
     gateway_for,
+    idle_timeouts,
     key_hint,
     open_repository,
     refresh_on_sighup,
@@ -39,6 +40,8 @@ from builder.serve.triton_server import Ports, TritonServer
               help="Public gRPC port (nginx; Triton's own with --no-proxy).")
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
               help="Triton's metrics port, on --address (never proxied).")
+@click.option("--metrics-address", metavar="ADDRESS",
+              help="Address of Triton's metrics port [default: --address] (0.0.0.0 in a pod, for its ServiceMonitor).")
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Address Triton listens on (loopback only unless --no-proxy).")
 @click.option("--public-address", "public_addresses", multiple=True, default=("0.0.0.0",), show_default=True,
@@ -55,14 +58,20 @@ from builder.serve.triton_server import Ports, TritonServer
               help="No API keys: anyone the allowed IPs let in may call /v1, /v2 and gRPC.")
 @click.option("--max-body-size", default=32, show_default=True, type=click.IntRange(1, 1024), metavar="MIB",
               help="Largest /v1 request body in MiB (413 above).")
+@click.option("--idle-timeout", default=300.0, show_default=True, type=float, metavar="SECONDS",
+              help="Scale to zero: unload a deployment after this long without requests; the next request "
+                   "wakes it. 0: never. [[models]] idle_timeout in --deployment overrides it per model.")
+@click.option("--wake-timeout", default=120.0, show_default=True, type=float, metavar="SECONDS",
+              help="Longest a request waits for its deployment to load (then 503 with Retry-After).")
 @click.option("--no-proxy", is_flag=True,
               help="Serve Triton directly, without nginx, the OpenAI API or keys (local development).")
 @click.option("--tritonserver", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="tritonserver binary (default: the one bundled in nvidia-pytriton).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Write Triton's log here.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for every model to be ready.")
-def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address, public_addresses, allowed_ips,
-          trusted_proxies, deployment, state_dir, public, max_body_size, no_proxy, tritonserver, log_file, timeout):
+def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, metrics_address, address, public_addresses, allowed_ips,
+          trusted_proxies, deployment, state_dir, public, max_body_size, idle_timeout, wake_timeout, no_proxy,
+          tritonserver, log_file, timeout):
     """Serve a model repository with tritonserver behind nginx until Ctrl-C or SIGTERM.
 
     Loads every model, waits until each one is READY, starts the OpenAI gateway (/v1) and nginx on
@@ -78,13 +87,16 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, address,
         refuse_rules_without_proxy(deployment, allowed_ips, trusted_proxies)
         ports = Ports(http_port, grpc_port, metrics_port)
     else:
+        idle = idle_timeouts(idle_timeout, deployment)
         internal, proxy = build_proxy(http_port, grpc_port, address, public_addresses, state_dir, deployment,
-                                      allowed_ips, trusted_proxies, keys_required=not public)
+                                      allowed_ips, trusted_proxies, keys_required=not public, wake_on_request=idle.any,
+                                      max_body_bytes=max_body_size << 20)
         ports = Ports(internal.http, internal.grpc, metrics_port)
-    server = TritonServer(repo, ports, address=address, tritonserver=tritonserver, log_path=log_file,
+    server = TritonServer(repo, ports, address=address, metrics_address=metrics_address, tritonserver=tritonserver,
+                          log_path=log_file,
                           ready_timeout=timeout, mpi_world_size=world_size,
                           rank_models=rank_models)
-    gateway = gateway_for(proxy, server, repo, max_body_size << 20) if proxy else None
+    gateway = gateway_for(proxy, server, repo, idle, wake_timeout) if proxy else None
 
     def announce() -> None:
         click.echo("ready")

@@ -25,6 +25,9 @@ class GatewayProcess:
     port: int
     public: bool = False                # no API keys
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    idle_timeout: float = 0.0                         # scale to zero (0: never unload)
+    idle_timeouts: dict[str, float] = field(default_factory=dict)   # per deployment name
+    hold_limit: float = 120.0                         # longest a request waits for a load
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -35,10 +38,15 @@ class GatewayProcess:
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "builder.serve.gateway", "--triton", self.triton_http,
                "--repository", str(Path(self.repository).resolve()), "--state-dir", str(self.state_dir),
-               "--port", str(self.port), "--max-body-bytes", str(self.max_body_bytes)]
+               "--port", str(self.port), "--max-body-bytes", str(self.max_body_bytes),
+               "--idle-timeout", str(self.idle_timeout), "--hold-limit", str(self.hold_limit)]
+        for name, seconds in sorted(self.idle_timeouts.items()):
+            cmd += ["--idle-timeout-for", f"{name}={seconds}"]
         return cmd + (["--public"] if self.public else [])
 
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
+        if self.log_path:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True,

@@ -15,28 +15,33 @@ from builder.build.engines.gpu import host_gpu, same_tensorrt, tensorrt_version
 from builder.build.engines.tensorrt_encoder import TARGET as TENSORRT_ENCODER
 from builder.build.engines.tensorrt_llm import TARGET
 
-_GPT_MODEL_PATH = re.compile(
-    r'(key:\s*"gpt_model_path"\s*value:\s*\{\s*string_value:\s*")([^"]*)(")', re.S)
+# Parameters the tensorrtllm backend opens as given: the engine and the xgrammar tokenizer info.
+_PATH_PARAMETERS = re.compile(
+    r'(key:\s*"(?:gpt_model_path|xgrammar_tokenizer_info_path)"\s*value:\s*\{\s*string_value:\s*")([^"]*)(")', re.S)
 
 
 def localize_engine_paths(repository: Path) -> list[str]:
-    """Rewrite relative gpt_model_path values to absolute paths under `repository`.
+    """Rewrite relative gpt_model_path and xgrammar_tokenizer_info_path values to absolute paths
+    under `repository`.
 
-    The tensorrtllm backend opens gpt_model_path as given (std::filesystem::exists on the raw
-    string), i.e. relative to tritonserver's working directory. Started with the repository root as
-    its working directory, tritonserver resolves the relative paths as rendered; call this only to
-    run tritonserver from elsewhere. It edits the configs, so run it on a serving copy after the
+    The tensorrtllm backend opens both as given (std::filesystem::exists on the raw string), i.e.
+    relative to tritonserver's working directory. Started with the repository root as its working
+    directory, tritonserver resolves the relative paths as rendered; call this only to run
+    tritonserver from elsewhere. It edits the configs, so run it on a serving copy after the
     manifest checksums were verified.
     """
     repository = Path(repository).resolve()
     changed = []
     for cfg in sorted(repository.glob("*/config.pbtxt")):
         text = cfg.read_text()
-        m = _GPT_MODEL_PATH.search(text)
-        if not m or Path(m[2]).is_absolute():
-            continue
-        cfg.write_text(text[:m.start(2)] + str(repository / m[2]) + text[m.end(2):])
-        changed.append(cfg.parent.name)
+
+        def absolute(m: re.Match) -> str:
+            return m[0] if Path(m[2]).is_absolute() else m[1] + str(repository / m[2]) + m[3]
+
+        new = _PATH_PARAMETERS.sub(absolute, text)
+        if new != text:
+            cfg.write_text(new)
+            changed.append(cfg.parent.name)
     return changed
 
 

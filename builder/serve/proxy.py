@@ -121,6 +121,8 @@ class ProxyLayout:
     public_addresses: tuple[str, ...] = ("0.0.0.0",)
     gateway: str = ""                 # host:port of the OpenAI gateway on loopback ("": none)
     keys_required: bool = False       # API keys on /v2 and gRPC (auth_request to the gateway)
+    wake_on_request: bool = False     # scale to zero: /v2 calls pass the gateway first, which loads their model
+    max_body_bytes: int = 32 << 20    # largest /v1 body: nginx answers 413 itself (the gateway checks too)
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,8 @@ def render_config(state: StateDir, layout: ProxyLayout, rules: AccessRules) -> s
         http_port=layout.http_port, grpc_port=layout.grpc_port,
         triton_http=layout.triton_http, triton_grpc=layout.triton_grpc,
         gateway=layout.gateway, keys_required=layout.keys_required and bool(layout.gateway),
+        gated=(layout.keys_required or layout.wake_on_request) and bool(layout.gateway),
+        max_body_bytes=layout.max_body_bytes,
         allowed_ips=rules.allowed_ips, trusted_proxies=rules.trusted_proxies,
     )
 

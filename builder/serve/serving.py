@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import signal
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,7 +39,8 @@ def endpoints(server: TritonServer, manifest: Manifest, proxy: Proxy | None = No
     lines = [
         f"HTTP     http://{http}  (POST /v2/models/<model>/generate, /generate_stream, /infer)",
         f"gRPC     {grpc}",
-        f"metrics  http://{server.address}:{server.ports.metrics}/metrics" + ("  (loopback only)" if proxy else ""),
+        f"metrics  http://{server.metrics_address or server.address}:{server.ports.metrics}/metrics"
+        + ("  (not proxied)" if proxy else ""),
     ]
     if proxy is not None:
         allowed = ", ".join(proxy.rules.allowed_ips) or "everyone (empty list)"
@@ -128,8 +130,8 @@ def check_loopback(address: str) -> None:
 
 
 def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, state_dir: Path | None,
-                deployment: Path | None, allowed_ips, trusted_proxies, keys_required: bool = True
-                ) -> tuple[Ports, Proxy]:
+                deployment: Path | None, allowed_ips, trusted_proxies, keys_required: bool = True,
+                wake_on_request: bool = False, max_body_bytes: int = 32 << 20) -> tuple[Ports, Proxy]:
     """Triton's internal ports and the nginx front that owns the public ones (with the OpenAI
     gateway on a loopback port of its own behind /v1, and as the key check of /v2 and gRPC)."""
     check_loopback(address)
@@ -137,16 +139,41 @@ def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, 
     state = StateDir(Path(state_dir) if state_dir else default_state_dir(http_port))
     host = f"[{address}]" if ":" in address else address
     layout = ProxyLayout(http_port, grpc_port, f"{host}:{internal.http}", f"{host}:{internal.grpc}",
-                         tuple(public_addresses), gateway=f"127.0.0.1:{free_port()}", keys_required=keys_required)
+                         tuple(public_addresses), gateway=f"127.0.0.1:{free_port()}", keys_required=keys_required,
+                         wake_on_request=wake_on_request, max_body_bytes=max_body_bytes)
     rules = access_rules(state, deployment, allowed_ips, trusted_proxies)
     return internal, Proxy(state, layout, rules)
 
 
-def gateway_for(proxy: Proxy, server: TritonServer, repository: Path, max_body_bytes: int) -> GatewayProcess:
+def gateway_for(proxy: Proxy, server: TritonServer, repository: Path, idle: IdleTimeouts | None = None,
+                hold_limit: float = 120.0) -> GatewayProcess:
     """The gateway behind this proxy: keys from the proxy's state directory, log beside nginx's."""
     port = int(proxy.layout.gateway.rsplit(":", 1)[1])
+    idle = idle or IdleTimeouts()
     return GatewayProcess(server.http_url, repository, proxy.state.path, port, public=not proxy.layout.keys_required,
-                          max_body_bytes=max_body_bytes, log_path=proxy.state.logs / "gateway.log")
+                          max_body_bytes=proxy.layout.max_body_bytes, idle_timeout=idle.default,
+                          idle_timeouts=idle.by_name,
+                          hold_limit=hold_limit, log_path=proxy.state.logs / "gateway.log")
+
+
+@dataclass(frozen=True)
+class IdleTimeouts:
+    """Scale to zero: seconds without requests before a deployment is unloaded (0: never)."""
+
+    default: float = 0.0
+    by_name: dict[str, float] = field(default_factory=dict)     # [[models]] idle_timeout, by name
+
+    @property
+    def any(self) -> bool:
+        return self.default > 0 or any(v > 0 for v in self.by_name.values())
+
+
+def idle_timeouts(default: float, deployment: Path | None) -> IdleTimeouts:
+    """--idle-timeout, and each [[models]] idle_timeout of the deployment file."""
+    if default < 0:
+        raise InvalidArgumentError(f"--idle-timeout {default} is negative: give seconds, or 0 to never unload")
+    specs = load_deployment_file(deployment)[0] if deployment is not None else []
+    return IdleTimeouts(default, {s.name: float(s.idle_timeout) for s in specs if s.idle_timeout is not None})
 
 
 def key_hint(proxy: Proxy) -> str | None:

@@ -112,6 +112,7 @@ class TritonServer:
     repository: Path
     ports: Ports = field(default_factory=Ports)
     address: str = "127.0.0.1"
+    metrics_address: str | None = None      # None: `address` (a pod exposes it to its ServiceMonitor)
     tritonserver: Path | None = None
     cache_dir: Path = field(default_factory=cache_root)
     log_path: Path | None = None
@@ -148,7 +149,7 @@ class TritonServer:
         rank0 = common + [
             f"--http-address={self.address}", f"--http-port={self.ports.http}",
             f"--grpc-address={self.address}", f"--grpc-port={self.ports.grpc}",
-            f"--metrics-address={self.address}", f"--metrics-port={self.ports.metrics}",
+            f"--metrics-address={self.metrics_address or self.address}", f"--metrics-port={self.ports.metrics}",
         ]
         for name in self.load_models if self.load_models is not None else repository_models(self.repository):
             rank0.append(f"--load-model={name}")

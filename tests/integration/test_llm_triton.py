@@ -182,6 +182,12 @@ BAD_REQUESTS = [
     ({"messages": "[{\"role\": \"user\"}]", "max_tokens": 8}, "role and content"),
     ({"messages": "not json", "max_tokens": 8}, "not valid JSON"),
     ({"max_tokens": 8}, "no prompt"),
+    ({"text_input": QUESTION, "max_tokens": 8, "presence_penalty": 2.5}, "presence_penalty must be between -2 and 2"),
+    ({"text_input": QUESTION, "max_tokens": 8, "guided_decoding_guide_type": "regex", "guided_decoding_guide": "a+"},
+     "regex is not supported"),
+    ({"text_input": QUESTION, "max_tokens": 8, "guided_decoding_guide_type": "json_schema",
+      "guided_decoding_guide": '{"type": "string", "pattern": "(?<=a)b"}'}, "lookaround"),
+    ({"text_input": QUESTION, "max_tokens": 8, "guided_decoding_guide": "{}"}, "without guided_decoding_guide_type"),
 ]
 
 
@@ -194,6 +200,34 @@ def test_bad_requests_get_clear_errors(llm_server, payload, match):
         assert match in msg and "Traceback" not in msg and "Failed to process" not in msg
     with pytest.raises(Exception, match=match.split()[0]):
         grpc_stream(llm_server.grpc_url, names("int8").llm_stream, **payload)
+    assert_healthy(llm_server)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"]}
+
+
+def test_guided_decoding_and_penalties_with_the_stock_tensor_names(llm_server):
+    """tensorrtllm_backend's own input names reach the engine through the ensemble and the streaming
+    model: a JSON-schema guide is followed, `json` gives an object, penalties change a repeating text."""
+    dep = names("int8")
+    ask = "<|im_start|>user\nInvent a person and give their name and age.<|im_end|>\n<|im_start|>assistant\n"
+    guided = {"text_input": ask, "max_tokens": 200, "guided_decoding_guide_type": "json_schema",
+              "guided_decoding_guide": json.dumps(PERSON)}
+    out = http_infer(llm_server.http_url, dep.llm, **guided)
+    value = json.loads(out["text_output"])
+    assert isinstance(value["name"], str) and type(value["age"]) is int and out["finish_reason"] == "stop"
+    chunks = grpc_stream(llm_server.grpc_url, dep.llm_stream, **guided)
+    assert "".join(c["text_output"] for c in chunks) == out["text_output"]
+    book = json.dumps([{"role": "user", "content": "Create a JSON record for a book."}])   # the chat template
+    r = generate(llm_server.http_url, dep.llm, {"messages": book, "max_tokens": 300,
+                                                 "guided_decoding_guide_type": "json"})
+    assert r.status_code == 200 and isinstance(json.loads(r.json()["text_output"]), dict), r.text
+    repeat = "<|im_start|>user\nRepeat the word 'hello' 50 times.<|im_end|>\n<|im_start|>assistant\n"
+    base = http_infer(llm_server.http_url, dep.llm, text_input=repeat, max_tokens=60)["text_output"]
+    for penalty in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.0}):
+        penalized = http_infer(llm_server.http_url, dep.llm, text_input=repeat, max_tokens=60, **penalty)
+        assert penalized["text_output"].lower().count("hello") < base.lower().count("hello"), (penalty, penalized)
     assert_healthy(llm_server)
 
 

@@ -15,7 +15,9 @@ DTYPES = {"text_input": ("BYTES", object), "messages": ("BYTES", object), "stop_
           "bad_words": ("BYTES", object), "max_tokens": ("INT32", np.int32), "top_k": ("INT32", np.int32),
           "end_id": ("INT32", np.int32), "pad_id": ("INT32", np.int32), "top_p": ("FP32", np.float32),
           "temperature": ("FP32", np.float32), "random_seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_),
-          "truncate": ("BOOL", np.bool_)}
+          "truncate": ("BOOL", np.bool_), "presence_penalty": ("FP32", np.float32),
+          "frequency_penalty": ("FP32", np.float32), "guided_decoding_guide_type": ("BYTES", object),
+          "guided_decoding_guide": ("BYTES", object)}
 
 
 def _arrays(fields: dict) -> dict[str, np.ndarray]:

@@ -95,9 +95,9 @@ class Front:
     def __init__(self, triton, repository: Path, state: Path, max_body_bytes: int = 32 << 20, public: bool = False):
         http, grpc, gateway = free_ports(3)
         layout = ProxyLayout(http, grpc, triton.http_url, triton.grpc_url, ("127.0.0.1",),
-                             gateway=f"127.0.0.1:{gateway}", keys_required=not public)
+                             gateway=f"127.0.0.1:{gateway}", keys_required=not public, max_body_bytes=max_body_bytes)
         self.proxy = Proxy(StateDir(Path(state)), layout, AccessRules())
-        self.gateway = gateway_for(self.proxy, triton, repository, max_body_bytes)
+        self.gateway = gateway_for(self.proxy, triton, repository)
         self.log = self.gateway.log_path
         self.gateway.start()
         try:

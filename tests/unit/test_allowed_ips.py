@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jinja2
 import pytest
 
@@ -84,10 +86,16 @@ def test_empty_list_renders_no_access_rules(tmp_path):
     assert "{{" not in conf and "{%" not in conf
 
 
-def test_rules_guard_both_servers_and_realip_trusts_only_proxies(tmp_path):
-    conf = _render(tmp_path, AccessRules.parse(["10.0.0.0/8", "2001:db8::/32"], ["192.0.2.10"]))
+@pytest.mark.parametrize("layout", [LAYOUT, dataclasses.replace(LAYOUT, gateway="127.0.0.1:9", keys_required=True)],
+                         ids=["public", "keys"])
+def test_rules_guard_every_route_and_realip_trusts_only_proxies(tmp_path, layout):
+    conf = render_config(StateDir(tmp_path), layout, AccessRules.parse(["10.0.0.0/8", "2001:db8::/32"],
+                                                                       ["192.0.2.10"]))
     block = "allow 10.0.0.0/8;\n            allow 2001:db8::/32;\n            deny all;"
-    assert conf.count(block) == 2  # HTTP and gRPC
+    routes = [loc for loc in conf.split("location ")[1:] if "proxy_pass http://gateway;" in loc
+              or "proxy_pass http://triton_http;" in loc or "grpc_pass" in loc]
+    # HTTP: Triton, its health checks (and /v1 with a gateway); gRPC: calls and health checks
+    assert len(routes) == (5 if layout.gateway else 4) and all(block in loc for loc in routes)
     assert "set_real_ip_from 192.0.2.10;" in conf
     assert "real_ip_header X-Forwarded-For;" in conf and "real_ip_recursive on;" in conf
     assert str(tmp_path) in conf and "/var/log/nginx" not in conf and "/run/" not in conf

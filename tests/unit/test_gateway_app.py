@@ -15,18 +15,16 @@ from fastapi.testclient import TestClient
 from builder.serve.gateway.app import create_app
 from builder.serve.gateway.config import GatewayConfig
 from builder.serve.gateway.keys import KeyStore
+from tests.support import manifests
 
 LLM, EMB = "tiny:int8", "emb:int8"
 CONTEXT = 64
 ANSWER = ["The", " capital", " is", " Paris", "."]
 
 
-def manifest() -> dict:
-    return {"schema_version": 1, "deployments": {
-        LLM: {"kind": "llm", "entrypoints": {"infer": "tiny-int8", "stream": "tiny-int8-stream"},
-              "engine": {"context_size": CONTEXT, "max_batch_size": 4}},
-        EMB: {"kind": "embedding", "entrypoints": {"infer": "emb-int8"},
-              "engine": {"context_size": 128, "max_batch_size": 2, "dimension": 3}}}}
+def write_manifest(repository) -> None:
+    manifests.write(repository, manifests.entry(LLM, engine={"context_size": CONTEXT, "max_batch_size": 4}),
+                    manifests.entry(EMB, "embedding", engine={"context_size": 128, "max_batch_size": 2, "dimension": 3}))
 
 
 class FakeTriton:
@@ -38,6 +36,9 @@ class FakeTriton:
         self.inputs = ["text_input", "messages", "max_tokens", "stop_words", "temperature", "top_p", "top_k",
                        "random_seed", "truncate"]
         self.fail_mid_stream = False
+        self.loaded: set[str] = {m for e in (manifests.entry(LLM), manifests.entry(EMB, "embedding"))
+                                 for m in e.triton_models}          # serve starts with every model loaded
+        self.repository_calls: list[tuple[str, str]] = []
         self.down = False
 
     def prompt_tokens(self, body: dict) -> int:
@@ -52,11 +53,26 @@ class FakeTriton:
         words, reason = ANSWER[:max_tokens], "stop" if max_tokens >= len(ANSWER) else "length"
         return words, {"prompt_tokens": prompt, "completion_tokens": len(words), "finish_reason": reason, "notice": ""}
 
+    def repository(self, path: str, body: dict) -> httpx.Response:
+        """Triton's model-repository API: what scale to zero loads and unloads."""
+        if path == "/v2/repository/index":
+            return httpx.Response(200, json=[{"name": m, "version": "1", "state": "READY"} for m in sorted(self.loaded)])
+        model, action = path.split("/")[4], path.split("/")[5]
+        self.repository_calls.append((action, model))
+        (self.loaded.add if action == "load" else self.loaded.discard)(model)
+        return httpx.Response(200)
+
     def __call__(self, request: httpx.Request) -> httpx.Response:
         if self.down:
             raise httpx.ConnectError("connection refused", request=request)
         path = request.url.path
+        if path.startswith("/v2/repository/"):
+            return self.repository(path, json.loads(request.content or b"{}"))
+        if path == "/v2/models/stats":
+            return httpx.Response(200, json={"model_stats": [{"name": m, "last_inference": 0} for m in self.loaded]})
         model = path.split("/")[3]
+        if model not in self.loaded:
+            return httpx.Response(400, json={"error": f"Request for unknown model: '{model}' is not found"})
         if path.endswith("/config"):
             return httpx.Response(200, json={"name": model, "max_batch_size": 2,
                                              "input": [{"name": n} for n in self.inputs]})
@@ -85,7 +101,7 @@ class FakeTriton:
 
 @pytest.fixture
 def repo(tmp_path):
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest()))
+    write_manifest(tmp_path)
     tok = tmp_path / "emb-tokenize" / "1" / "tokenizer"
     tok.mkdir(parents=True)
     return tmp_path
@@ -341,17 +357,31 @@ def test_over_context_prompt_passes_the_engine_message(client):
 
 
 def test_engine_extras_refused_unless_the_model_declares_them(client, triton):
-    assert_error(chat(client, presence_penalty=0.5), 400, "presence_penalty", "unsupported_parameter")
-    assert_error(chat(client, response_format={"type": "json_object"}), 400, "response_format")
+    """A repository built before penalties and guided decoding: a 400 naming the parameter and the fix."""
+    err = assert_error(chat(client, presence_penalty=0.5), 400, "presence_penalty", "unsupported_parameter")
+    assert "rebuild" in err["message"] and "presence_penalty input" in err["message"]
+    err = assert_error(chat(client, response_format={"type": "json_object"}), 400, "response_format",
+                       "unsupported_parameter")
+    assert "guided_decoding_guide_type input" in err["message"] and "rebuild" in err["message"]
     assert chat(client, max_tokens=3, presence_penalty=0, response_format={"type": "text"}).status_code == 200
-    assert "presence_penalty" not in triton.requests[-1][1], "a default value is not sent"
-    triton.inputs += ["presence_penalty", "frequency_penalty", "response_format"]
-    client.app.state.gateway.triton._configs.clear()
-    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
-    assert chat(client, max_tokens=3, presence_penalty=0.5, frequency_penalty=-1, response_format=schema).status_code == 200
+    body = triton.requests[-1][1]
+    assert not {"presence_penalty", "guided_decoding_guide_type"} & set(body), "defaults are not sent"
+    triton.inputs += ["presence_penalty", "frequency_penalty", "guided_decoding_guide_type", "guided_decoding_guide"]
+    client.app.state.gateway.triton.client._configs.clear()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+    assert chat(client, max_tokens=3, presence_penalty=0.5, frequency_penalty=-1, response_format=fmt).status_code == 200
     body = triton.requests[-1][1]
     assert body["presence_penalty"] == 0.5 and body["frequency_penalty"] == -1
-    assert json.loads(body["response_format"]) == schema
+    assert body["guided_decoding_guide_type"] == "json_schema" and json.loads(body["guided_decoding_guide"]) == schema
+    assert chat(client, max_tokens=3, response_format={"type": "json_object"}).status_code == 200
+    body = triton.requests[-1][1]
+    assert body["guided_decoding_guide_type"] == "json" and "guided_decoding_guide" not in body
+    assert_error(chat(client, max_tokens=3, response_format={"type": "json_schema"}), 400,
+                 "response_format.json_schema")
+    assert_error(chat(client, max_tokens=3, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": [1]}}), 400, "response_format.json_schema.schema")
+    assert_error(chat(client, max_tokens=3, response_format={"type": "yaml"}), 400, "response_format.type")
 
 
 def test_malformed_json_and_non_object_bodies(client):

@@ -14,31 +14,29 @@ from builder.serve.gateway.messages import normalize_messages
 from builder.serve.gateway.params import choice_seeds, sampling_body
 from builder.serve.gateway.schemas import ChatCompletionRequest
 from builder.serve.gateway.triton_client import decode_infer, triton_error
-
-
-def write_manifest(path, deps):
-    (path / "manifest.json").write_text(json.dumps({"schema_version": 1, "deployments": deps}))
+from tests.support import manifests
 
 
 def test_deployments_reads_entrypoints_and_engine(tmp_path):
-    write_manifest(tmp_path, {
-        "m:int8": {"kind": "llm", "entrypoints": {"infer": "m-int8", "stream": "m-int8-stream"},
-                   "engine": {"context_size": 2048, "max_batch_size": 4}},
-        "e:fp32": {"kind": "embedding", "entrypoint": "e-fp32", "engine": {"max_batch_size": 64, "dimension": 384}},
-        "Bad Name": {"kind": "llm"}})
+    manifests.write(tmp_path, manifests.entry("m:int8", engine={"context_size": 2048, "max_batch_size": 4}),
+                    manifests.entry("e:fp32", "embedding", engine={"max_batch_size": 64, "dimension": 384}))
     deps = deployments(tmp_path)
-    assert sorted(deps) == ["e:fp32", "m:int8"], "names that do not parse are skipped"
+    assert sorted(deps) == ["e:fp32", "m:int8"]
     assert (deps["m:int8"].infer, deps["m:int8"].stream, deps["m:int8"].context_size) == ("m-int8", "m-int8-stream", 2048)
+    assert deps["m:int8"].models[0] == "m-preprocessing" and deps["m:int8"].models[-1] == "m-int8-stream"
     assert (deps["e:fp32"].infer, deps["e:fp32"].stream, deps["e:fp32"].dimension) == ("e-fp32", None, 384)
     assert deployments(tmp_path / "none") == {}
+    (tmp_path / "manifest.json").write_text('{"schema_version": 1, "deployments": {}}')
+    assert deployments(tmp_path) == {}                      # an old manifest: logged, nothing served
 
 
 def test_catalog_follows_manifest_changes(tmp_path, monkeypatch):
     monkeypatch.setattr("builder.serve.gateway.deployments.RECHECK_SECONDS", 0.0)
-    write_manifest(tmp_path, {"m:int8": {"kind": "llm"}})
+    manifests.write(tmp_path, manifests.entry("m:int8"))
     catalog = Catalog(tmp_path)
-    assert catalog.resolve("m-int8").id == "m:int8"
-    write_manifest(tmp_path, {"m:int8": {"kind": "llm"}, "n:fp16": {"kind": "llm"}})
+    assert catalog.resolve("m-int8").id == "m:int8" and catalog.owner("m-int8-stream").id == "m:int8"
+    assert catalog.owner("m-preprocessing") is None          # shared models belong to no single deployment
+    manifests.write(tmp_path, manifests.entry("m:int8"), manifests.entry("n:fp16"))
     assert catalog.resolve("n:fp16").infer == "n-fp16"
     with pytest.raises(ApiError) as e:
         catalog.resolve("m:int8", "embedding")
@@ -61,6 +59,34 @@ def test_sampling_body_mapping():
     assert sampling_body(request(top_k=-1, stop="END")) == {"temperature": 1.0, "top_k": 0, "stop_words": ["END"]}
     assert sampling_body(request(stop=["", "a"], truncate=True)) == {"temperature": 1.0, "stop_words": ["a"],
                                                                      "truncate": True}
+    assert sampling_body(request(presence_penalty=0.0, frequency_penalty=0.0)) == {"temperature": 1.0}
+    assert sampling_body(request(presence_penalty=-2, frequency_penalty=1.5)) == {
+        "temperature": 1.0, "presence_penalty": -2, "frequency_penalty": 1.5}
+
+
+@pytest.mark.parametrize("fmt,fields", [
+    (None, {}),
+    ({"type": "text"}, {}),
+    ({"type": "json_object"}, {"guided_decoding_guide_type": "json"}),
+    ({"type": "json_schema", "json_schema": {"name": "p"}}, {"guided_decoding_guide_type": "json"}),
+    ({"type": "json_schema", "json_schema": {"name": "p", "strict": True, "schema": {"type": "object"}}},
+     {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": '{"type": "object"}'}),
+])
+def test_response_format_becomes_guided_decoding(fmt, fields):
+    body = sampling_body(request(response_format=fmt) if fmt else request())
+    assert {k: v for k, v in body.items() if k.startswith("guided")} == fields
+    assert "response_format" not in body
+
+
+def test_engine_refusals_get_the_openai_param():
+    from builder.serve.gateway.deployments import Deployment
+    from builder.serve.gateway.generation import Plan
+
+    plan = Plan(Deployment.__new__(Deployment), {}, 5)
+    e = plan.named(ApiError(400, "guided_decoding_guide: schema.pattern uses '(?=': lookaround ..."))
+    assert e.param == "response_format" and e.message.startswith("response_format.json_schema.schema: schema.pattern")
+    assert plan.named(ApiError(400, "presence_penalty must be between -2 and 2 (0 = off), got 3.0")).param == \
+        "presence_penalty"
 
 
 def test_choice_seeds():

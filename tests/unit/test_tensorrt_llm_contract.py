@@ -356,6 +356,50 @@ def test_tensorrtllm_config_is_complete_and_stock(tmp_path):
     for t in cfg.output:
         assert stock["outputs"][t.name] == [dtype(t.data_type), list(t.dims)], t.name
     assert "seed" in {t.name for t in cfg.input}
+    # structured output: the stock guide inputs (ragged like the stock ones) and xgrammar guided decoding
+    guided = CONTRACT["guided_decoding"]
+    guide_inputs = {t.name: t for t in cfg.input if t.name.startswith("guided_decoding_")}
+    assert set(guide_inputs) == {"guided_decoding_guide_type", "guided_decoding_guide"}
+    assert all(t.optional and t.allow_ragged_batch and not t.HasField("reshape") for t in guide_inputs.values())
+    assert params["guided_decoding_backend"] in guided["backends"]
+    assert params["xgrammar_tokenizer_info_path"] == f"{dep.llm_engine}/1/{trt.XGRAMMAR_TOKENIZER_INFO}"
+
+
+def test_guided_decoding_matches_the_backend(tmp_path):
+    """Preprocessing only sends guide types the backend maps (json_schema; json is rewritten), the
+    rest are refused by name, and the tokenizer info has the keys the backend reads."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from backends import guided
+    from backends.contract.tensors import ENGINE_INPUTS, PREPROCESSING_TO_ENGINE
+
+    contract = CONTRACT["guided_decoding"]
+    assert set(guided.GUIDE_TYPES) | set(guided.NOT_ON_CPU) == set(contract["guide_types"])
+    for kind in contract["guide_types"]:
+        if kind in guided.NOT_ON_CPU:
+            with pytest.raises(Exception, match=f"{kind} is not supported.*json_schema"):
+                guided.check_guide(kind, "x")
+        else:
+            assert guided.check_guide(kind, "{}" if kind == "json_schema" else None).type in contract["guide_types"]
+    assert guided.check_guide("", None) is None         # "" reaches the engine: no guided decoding
+    engine = {t.name: t for t in ENGINE_INPUTS}
+    for name in ("guided_decoding_guide_type", "guided_decoding_guide", "presence_penalty", "frequency_penalty"):
+        assert name in PREPROCESSING_TO_ENGINE.values() and engine[name].optional
+        assert CONTRACT["tensorrtllm_backend"]["inputs"][name] == [engine[name].dtype, list(engine[name].dims)]
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    vocab = {"<unk>": 0, "<|endoftext|>": 2, "a": 1, "b": 3}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    path = trt.write_xgrammar_tokenizer_info(hf, tmp_path / "m" / "1" / trt.XGRAMMAR_TOKENIZER_INFO)
+    info = json.loads(path.read_text())
+    assert sorted(info) == sorted(contract["tokenizer_info_keys"])
+    assert info["encoded_vocab"] == ["<unk>", "a", "<|endoftext|>", "b"]       # sorted by id
+    assert info["stop_token_ids"] == [2]
+    assert json.loads(info["tokenizer_str"])["model"]["vocab"] == vocab
 
 
 def test_engine_tensors_cover_the_design_interface(tmp_path):
@@ -424,6 +468,8 @@ def test_localize_engine_paths(tmp_path):
     assert gpu_host.localize_engine_paths(tmp_path) == [dep.llm_engine]
     cfg = parse_config((tmp_path / dep.llm_engine / "config.pbtxt").read_text())
     assert cfg.parameters["gpt_model_path"].string_value == str(tmp_path.resolve() / dep.llm_engine / "1/engine")
+    assert cfg.parameters["xgrammar_tokenizer_info_path"].string_value == str(
+        tmp_path.resolve() / dep.llm_engine / "1" / trt.XGRAMMAR_TOKENIZER_INFO)
     assert gpu_host.localize_engine_paths(tmp_path) == []
 
 

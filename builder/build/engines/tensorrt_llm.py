@@ -7,7 +7,8 @@ TensorRT-LLM dropped its TensorRT engine backend after 1.2.x, so engines are bui
    needs no calibration) or `tensorrt_llm.quantization.quantize_and_export(...)` (ModelOpt
    calibration: fp8 weights + fp8 KV cache, or int8 weight-only + int8 KV cache);
 2. `trtllm-build` with the deployment's context size and batch limits;
-3. a `tensorrtllm` model config rendered from model_repository/tensorrt_llm/config.pbtxt.j2.
+3. a `tensorrtllm` model config rendered from model_repository/tensorrt_llm/config.pbtxt.j2, with
+   the xgrammar tokenizer info its guided decoding (structured output) reads.
 
 `plan()` returns those steps as data (argv lists and Python API calls) so `--dry-run` can print
 them and tests/test_tensorrt_llm_contract.py can check every argument against TensorRT-LLM 1.2's
@@ -58,6 +59,7 @@ GPU_PRECISIONS = ("fp16", "int8", "fp8")
 _MODELOPT_QFORMAT = {None: "full_prec", "W8A16": "int8_wo", "FP8": "fp8"}
 _MODELOPT_KV_DTYPE = {None: None, "INT8": "int8", "FP8": "fp8"}
 
+XGRAMMAR_TOKENIZER_INFO = "xgrammar_tokenizer_info.json"   # beside the engine, in the model's version dir
 DEFAULT_CALIBRATION_SIZE = 512   # quantize.py's default --calib_size
 CALIBRATION_MAX_SEQ_LEN = 512    # quantize.py's default --calib_max_seq_length
 DEFAULT_MAX_NUM_TOKENS = 8192    # BuildConfig.max_num_tokens default
@@ -588,6 +590,30 @@ def engine_entry(spec: DeploymentSpec, precision: str, shape: EngineShape, gpu: 
 
 # -- the Triton model -------------------------------------------------------------------------
 
+def xgrammar_tokenizer_info(hf_dir: Path) -> dict:
+    """What the tensorrtllm backend's guided decoding reads from `xgrammar_tokenizer_info_path`
+    (encoded_vocab, tokenizer_str, stop_token_ids): the content TensorRT-LLM's
+    examples/generate_xgrammar_tokenizer_info.py writes (tensorrt_llm.llmapi.tokenizer.
+    _xgrammar_tokenizer_info for a fast tokenizer), made from tokenizer.json without TensorRT-LLM,
+    so any build host can write it."""
+    from backends.tokenization import ModelTokenizer
+
+    try:
+        tok = ModelTokenizer.load(Path(hf_dir))
+    except (OSError, ValueError) as e:
+        raise SourceError(f"{hf_dir}: the tokenizer (tokenizer.json) is unreadable ({e}): re-download the model") from None
+    vocab = tok.tokenizer.get_vocab(with_added_tokens=True)
+    return {"encoded_vocab": [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])],
+            "tokenizer_str": tok.tokenizer.to_str(),
+            "stop_token_ids": [tok.eos_token_id]}
+
+
+def write_xgrammar_tokenizer_info(hf_dir: Path, path: Path) -> Path:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(xgrammar_tokenizer_info(hf_dir)))
+    return Path(path)
+
+
 def _check_relative(engine_dir_rel: str) -> str:
     p = Path(engine_dir_rel)
     if p.is_absolute() or ".." in p.parts or not p.parts:
@@ -600,9 +626,12 @@ def _check_relative(engine_dir_rel: str) -> str:
 def render_engine_config(dep: DeploymentName, spec: DeploymentSpec, engine_dir_rel: str, *,
                          context_size: int | None = None, max_num_tokens: int | None = None,
                          kv_cache_free_gpu_mem_fraction: float = KV_CACHE_FREE_GPU_MEM_FRACTION,
-                         exclude_input_in_output: bool = True) -> str:
+                         exclude_input_in_output: bool = True,
+                         tokenizer_info_rel: str | None = None) -> str:
     """config.pbtxt text of the stock `tensorrtllm` model: in-flight fused batching, paged KV
-    cache, decoupled streaming; every value filled (StrictUndefined fails on a missing one)."""
+    cache, decoupled streaming, xgrammar guided decoding; every value filled (StrictUndefined
+    fails on a missing one). `tokenizer_info_rel` (default: `<engine model>/1/xgrammar_tokenizer_info.json`)
+    is relative to the repository root, like the engine path."""
     if not 0.0 < kv_cache_free_gpu_mem_fraction <= 1.0:
         raise InvalidArgumentError("kv_cache_free_gpu_mem_fraction must be in (0, 1]: e.g. 0.9")
     context = context_size or spec.context_size
@@ -622,6 +651,7 @@ def render_engine_config(dep: DeploymentName, spec: DeploymentSpec, engine_dir_r
         exclude_input_in_output=exclude_input_in_output,
         max_beam_width=1,
         max_queue_delay_microseconds=0,
+        xgrammar_tokenizer_info_path=_check_relative(tokenizer_info_rel or f"{dep.llm_engine}/1/{XGRAMMAR_TOKENIZER_INFO}"),
     )
 
 
@@ -659,6 +689,7 @@ def build_deployment(job: BuildJob, *, gpu: GpuInfo | None = None, run: Callable
     with job.step(f"building the TensorRT-LLM {job.precision} engine"):
         info = build(spec, job.precision, hf_dir, model_dir / "1" / "engine", gpu=gpu, run=run)
     render_engine_model(dep, spec, f"{dep.llm_engine}/1/engine", model_dir)
+    write_xgrammar_tokenizer_info(hf_dir, model_dir / "1" / XGRAMMAR_TOKENIZER_INFO)
     models.append(dep.llm_engine)
     models += w.write_llm_front(dep, hf_dir, spec.max_batch_size)
     return BuiltDeployment(models, {"infer": dep.llm, "stream": dep.llm_stream}, info,

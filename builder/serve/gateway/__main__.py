@@ -29,7 +29,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for Triton per request [600]")
     p.add_argument("--default-max-tokens", type=int, help="cap for chat requests without max_tokens "
                                                           "[none: the room left in the context]")
+    p.add_argument("--idle-timeout", type=float, default=0.0,
+                   help="unload a deployment after this many seconds without requests [0: never]")
+    p.add_argument("--idle-timeout-for", action="append", default=[], metavar="NAME=SECONDS",
+                   help="a deployment's own idle timeout (NAME or NAME:PRECISION); repeatable")
+    p.add_argument("--hold-limit", type=float, default=120.0,
+                   help="longest a request waits for its deployment to load before a 503 [120]")
     args = p.parse_args(argv)
+    try:
+        args.idle_timeouts = {k: float(v) for k, _, v in (s.partition("=") for s in args.idle_timeout_for)}
+    except ValueError:
+        p.error("--idle-timeout-for takes NAME=SECONDS")
     if not args.public and args.state_dir is None:
         p.error("--state-dir is required unless --public (it holds api-keys.json)")
     return args
@@ -40,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s gateway %(levelname)s %(message)s")
     config = GatewayConfig(triton_url=args.triton, repository=args.repository, state_dir=args.state_dir,
                            public=args.public, max_body_bytes=args.max_body_bytes, request_timeout=args.timeout,
-                           default_max_tokens=args.default_max_tokens)
+                           default_max_tokens=args.default_max_tokens, idle_timeout=args.idle_timeout,
+                           idle_timeouts=args.idle_timeouts, hold_limit=args.hold_limit)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
     return 0

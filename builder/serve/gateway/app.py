@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import httpx
@@ -21,12 +23,28 @@ from builder.serve.gateway.auth import KeyGuard
 from builder.serve.gateway.config import GatewayConfig
 from builder.serve.gateway.deployments import Catalog
 from builder.serve.gateway.errors import ApiError, install_handlers
+from builder.serve.gateway.lifecycle import Lifecycle, Tracked
 from builder.serve.gateway.limits import BodyLimit
 from builder.serve.gateway.state import Gateway
 from builder.serve.gateway.tokens import TokenCounters
 from builder.serve.gateway.triton_client import TritonClient
+from builder.serve.gateway.waking import WakingTriton
 
 log = logging.getLogger("serverless_triton.gateway")
+_V2_MODEL = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)(?:[/?]|$)")
+
+
+def v2_model(uri: str) -> str | None:
+    """The model a Triton /v2 inference URI names (None for anything else: health, metadata...)."""
+    match = _V2_MODEL.match(uri)
+    return urllib.parse.unquote(match.group(1)) if match else None
+
+
+def status_of(d: Tracked) -> dict:
+    return {"model": d.id, "state": d.state, "last_request": d.last_request or None, "in_flight": d.in_flight,
+            "idle_timeout": d.idle_timeout, "cold_starts": d.cold_starts, "last_cold_start_s": d.last_cold_start_s,
+            "load_seconds": d.load_seconds,
+            "memory_bytes": d.memory_bytes or None, "failure": d.failure or None}
 USAGE_FLUSH_SECONDS = 5.0
 
 
@@ -40,8 +58,11 @@ def build_gateway(config: GatewayConfig, transport: httpx.AsyncBaseTransport | N
     if not config.public and config.state_dir is None:
         raise ValueError("keys are required (public=False) but no state_dir holds api-keys.json")
     guard = None if config.public else KeyGuard(config.state_dir)  # type: ignore[arg-type]
-    triton = TritonClient(config.triton_base_url, config.request_timeout, config.max_connections, transport)
-    return Gateway(config, Catalog(config.repository), triton, guard, TokenCounters(config.repository))
+    client = TritonClient(config.triton_base_url, config.request_timeout, config.max_connections, transport)
+    catalog = Catalog(config.repository)
+    triton = WakingTriton(client, Lifecycle(client, config.hold_limit), catalog, config.idle_timeout,
+                          config.idle_timeouts)
+    return Gateway(config, catalog, triton, guard, TokenCounters(config.repository))
 
 
 def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -51,11 +72,17 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         flusher = asyncio.create_task(_flush_forever(gw.guard)) if gw.guard else None
+        gw.triton.refresh()
+        with contextlib.suppress(Exception):    # Triton not reachable yet: learned at the first request
+            await gw.lifecycle.sync()
+        sweeper = asyncio.create_task(gw.lifecycle.run()) if config.idle_timeout or config.idle_timeouts else None
         try:
             yield
         finally:
+            for task in (flusher, sweeper):
+                if task:
+                    task.cancel()
             if flusher:
-                flusher.cancel()
                 gw.guard.flush_usage()  # type: ignore[union-attr]
             await gw.triton.aclose()
 
@@ -72,15 +99,37 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
         refusal is a 401 whose X-Auth-Error header says which (invalid_api_key or
         rate_limit_exceeded): nginx's auth_request turns any status but 2xx/401/403 into a 500, and
         its 403 already means "address not allowed"; nginx answers in the caller's protocol."""
-        if gw.guard is None:
-            return Response(status_code=204)
         try:
-            gw.guard.check(request.headers.get("authorization"))
+            if gw.guard is not None:
+                gw.guard.check(request.headers.get("authorization"))
+            model = v2_model(request.headers.get("x-original-uri", ""))
+            if model:
+                await gw.triton.wake_model(model)     # scale to zero: a /v2 request wakes its deployment
         except ApiError as e:
             if via == "nginx":
                 return Response(status_code=401, headers={**e.headers, "X-Auth-Error": e.code or "invalid_api_key"})
             return e.response()
         return Response(status_code=204)
+
+    @app.get("/admin/deployments", include_in_schema=False)
+    async def deployments_status() -> JSONResponse:
+        """What `serverless-triton status` shows (loopback only: nginx never routes /admin here)."""
+        gw.triton.refresh()
+        return JSONResponse({"deployments": [status_of(d) for d in gw.lifecycle.deployments.values()]})
+
+    @app.post("/admin/deployments/{deployment_id}/{action}", include_in_schema=False)
+    async def deployment_action(deployment_id: str, action: str) -> JSONResponse:
+        gw.triton.refresh()
+        dep = gw.catalog.resolve(deployment_id)
+        if action == "wake":
+            await gw.triton.wake_model(dep.infer)
+        elif action == "unload":
+            if not await gw.lifecycle.unload(dep.id):
+                raise ApiError(409, f"{dep.id} has requests in flight or is loading: try again when it is idle",
+                               code="busy")
+        else:
+            raise ApiError(404, f"unknown action {action!r}: wake or unload", code="not_found")
+        return JSONResponse(status_of(gw.lifecycle.deployments[dep.id]))
 
     @app.get("/health", include_in_schema=False)
     async def health() -> JSONResponse:

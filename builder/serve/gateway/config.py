@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -21,6 +21,9 @@ class GatewayConfig:
     request_timeout: float = 600.0
     default_max_tokens: int | None = None   # cap for chat requests without max_tokens (None: the room left)
     max_connections: int = 512
+    idle_timeout: float = 0.0               # scale to zero: seconds without requests before unloading (0: never)
+    idle_timeouts: dict[str, float] = field(default_factory=dict)   # by deployment name (or name:precision)
+    hold_limit: float = 120.0               # longest a request waits for its deployment to load (then 503)
 
     @property
     def triton_base_url(self) -> str:

@@ -1,28 +1,23 @@
-"""Which deployments exist: the repository's manifest.json, read with plain json.
+"""Which deployments exist: the repository's manifest (backends/contract/manifest.py).
 
-`deployments()` is the one function that knows the manifest's layout, so it can later be swapped
-for the typed reader. `Catalog` re-reads the manifest when it changes (a pull swaps repositories
-while the gateway runs) and resolves the model ids clients send: `name:precision`, or the Triton
-name `name-precision`.
+`Catalog` re-reads the manifest when it changes (a pull swaps repositories while the gateway runs)
+and resolves the model ids clients send: `name:precision`, or a Triton name of the deployment.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from backends.contract.naming import DeploymentName
-from backends.errors import InvalidArgumentError
+from backends.contract.manifest import MANIFEST_NAME, DeploymentEntry, read_manifest
+from backends.errors import UserError
 from builder.serve.gateway.errors import ApiError, bad_request
 
 log = logging.getLogger("serverless_triton.gateway")
-MANIFEST = "manifest.json"
 RECHECK_SECONDS = 1.0
 
 
@@ -38,42 +33,31 @@ class Deployment:
     max_batch_size: int | None
     dimension: int | None = None
     created: int = 0
+    models: tuple[str, ...] = ()  # every Triton model of the deployment, dependencies first
 
     @property
     def name(self) -> str:
         return self.id.rpartition(":")[0]
 
 
-def _entry(user_id: str, entry: dict[str, Any], created: int) -> Deployment:
-    dep = DeploymentName.parse(user_id)
-    kind = entry.get("kind", "llm")
-    points = entry.get("entrypoints") or {}
-    engine = entry.get("engine") or {}
-    infer = points.get("infer") or entry.get("entrypoint") or (dep.llm if kind == "llm" else dep.embedding)
-    stream = points.get("stream") or (dep.llm_stream if kind == "llm" else None)
-    return Deployment(id=str(dep), kind=kind, infer=infer, stream=stream, context_size=engine.get("context_size"),
-                      max_batch_size=engine.get("max_batch_size"), dimension=engine.get("dimension"), created=created)
+def _deployment(entry: DeploymentEntry, created: int) -> Deployment:
+    engine = entry.engine
+    return Deployment(id=entry.user_name, kind=entry.kind, infer=entry.entrypoints["infer"],
+                      stream=entry.entrypoints.get("stream"), context_size=engine.get("context_size"),
+                      max_batch_size=engine.get("max_batch_size"), dimension=engine.get("dimension"),
+                      created=created, models=tuple(entry.triton_models))
 
 
 def deployments(repository: Path) -> dict[str, Deployment]:
-    """Deployments listed in `<repository>/manifest.json`, by `name:precision` (none without one)."""
-    path = Path(repository) / MANIFEST
+    """The manifest's deployments, by `name:precision` (none without a readable manifest)."""
+    path = Path(repository) / MANIFEST_NAME
     try:
-        data = json.loads(path.read_text())
-        created = int(path.stat().st_mtime)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
+        manifest = read_manifest(repository)
+        created = int(path.stat().st_mtime) if path.exists() else 0
+    except (UserError, OSError) as e:
         log.warning("cannot read %s (%s): no deployments until it is fixed", path, e)
         return {}
-    out: dict[str, Deployment] = {}
-    for user_id, entry in (data.get("deployments") or {}).items():
-        try:
-            dep = _entry(user_id, entry, created)
-        except InvalidArgumentError:
-            continue
-        out[dep.id] = dep
-    return out
+    return {e.user_name: _deployment(e, created) for e in manifest.deployments.values()}
 
 
 class Catalog:
@@ -89,7 +73,7 @@ class Catalog:
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
-            st = os.stat(self.repository / MANIFEST)
+            st = os.stat(self.repository / MANIFEST_NAME)
         except OSError:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -117,6 +101,11 @@ class Catalog:
         if model in self._items:
             return self._items[model]
         return next((d for d in self._items.values() if model in (d.infer, d.stream)), None)
+
+    def owner(self, triton_model: str) -> Deployment | None:
+        """The deployment an entry point (ensemble, stream model) belongs to, for /v2 requests."""
+        self.refresh(force=False)
+        return next((d for d in self._items.values() if triton_model in (d.infer, d.stream)), None)
 
     def resolve(self, model: str, kind: str | None = None) -> Deployment:
         """The deployment a request names; 404 if none, 400 if it is the wrong kind for the endpoint."""

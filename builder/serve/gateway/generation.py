@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 from builder.serve.gateway.deployments import Deployment
 from builder.serve.gateway.errors import ApiError, bad_request, unsupported
-from builder.serve.gateway.params import extras_in
+from builder.serve.gateway.params import ENGINE_EXTRAS, extras_in
 from builder.serve.gateway.responses import Usage
 from builder.serve.gateway.triton_client import TritonClient, TritonStream
 
@@ -39,12 +39,18 @@ class Plan:
     prompt_param: str = "messages"  # what a too-long prompt's error names
 
     def named(self, error: ApiError) -> ApiError:
-        """Give a context-size refusal the `param` it is about."""
+        """Give a context-size, penalty or response_format refusal the `param` it is about."""
         if error.status == 400 and error.param is None:
             if "the prompt has" in error.message:
                 error.param = self.prompt_param
             elif error.message.startswith("max_tokens"):
                 error.param = "max_tokens"
+            elif error.message.startswith(("presence_penalty", "frequency_penalty")):
+                error.param = error.message.split(" ", 1)[0]
+            elif "guided_decoding_guide" in error.message:
+                error.param = "response_format"
+                error.message = (error.message.replace("guided_decoding_guide_type", "response_format.type")
+                                 .replace("guided_decoding_guide", "response_format.json_schema.schema"))
         return error
 
     @property
@@ -76,8 +82,10 @@ async def check_extras(triton: TritonClient, model: str, body: dict[str, Any], d
         have = await triton.input_names(model)
         for name in wanted:
             if name not in have:
-                raise unsupported(name, f"the engine of {dep.id} does not apply {name} yet "
-                                        f"(its Triton model {model} has no {name} input)")
+                param = ENGINE_EXTRAS[name]
+                raise unsupported(param, f"the repository of {dep.id} was built before the engines applied "
+                                         f"{param} (its Triton model {model} has no {name} input): rebuild it "
+                                         "with build-engines to use it")
 
 
 async def generate(triton: TritonClient, plan: Plan) -> dict[str, Any]:

@@ -1,10 +1,15 @@
 """OpenAI sampling parameters -> the Triton ensemble's JSON fields.
 
 Defaults follow OpenAI's (temperature 1, top_p 1), not Triton's (greedy), so a client that
-leaves them out gets what it would get from OpenAI. Parameters the engine may not have yet
-(penalties, response_format) are sent only when set to a non-default value, and only to a model
-whose configuration declares that input: Triton ignores unknown JSON fields, and silently ignoring
-a penalty is worse than refusing it.
+leaves them out gets what it would get from OpenAI. Parameters older repositories lack (penalties,
+response_format) are sent only when set to a non-default value, and only to a model whose
+configuration declares that input: Triton ignores unknown JSON fields, and silently ignoring a
+penalty is worse than refusing it.
+
+response_format becomes the engine's guided decoding (backends/guided.py, tensorrtllm_backend's
+input names): `json_object` -> guided_decoding_guide_type "json" (any JSON object, no guide);
+`json_schema` -> "json_schema" with the schema as guided_decoding_guide (no schema: "json");
+`text` -> nothing.
 """
 
 from __future__ import annotations
@@ -13,16 +18,17 @@ import json
 from typing import Any
 
 from builder.serve.gateway.errors import bad_request, unsupported
-from builder.serve.gateway.schemas import (
-    MAX_STOP,
-    ChatCompletionRequest,
-    CompletionRequest,
-    Sampling,
-)
+from builder.serve.gateway.schemas import MAX_STOP, ChatCompletionRequest, CompletionRequest, ResponseFormat, Sampling
 
 MAX_SEED = 2**63   # Triton's random_seed is uint64, our engines take 0..2**63-1
 DEFAULT_TEMPERATURE = 1.0
-ENGINE_EXTRAS = ("presence_penalty", "frequency_penalty", "response_format")
+# Triton inputs a repository built before they existed lacks -> the OpenAI parameter that needs them.
+ENGINE_EXTRAS = {
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "guided_decoding_guide_type": "response_format",
+    "guided_decoding_guide": "response_format",
+}
 
 
 def stop_words(stop: str | list[str] | None) -> list[str]:
@@ -76,13 +82,31 @@ def sampling_body(req: Sampling) -> dict[str, Any]:
         body["presence_penalty"] = req.presence_penalty
     if req.frequency_penalty:
         body["frequency_penalty"] = req.frequency_penalty
-    fmt = getattr(req, "response_format", None)
-    if fmt is not None and fmt.type != "text":
-        body["response_format"] = json.dumps(fmt.model_dump(exclude_none=True))
+    body.update(guide_fields(getattr(req, "response_format", None)))
     return body
 
 
+def guide_fields(fmt: ResponseFormat | None) -> dict[str, str]:
+    """response_format -> the guided-decoding fields (none for text)."""
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"guided_decoding_guide_type": "json"}
+    spec = fmt.json_schema
+    if not isinstance(spec, dict):
+        raise bad_request("response_format.json_schema is required for type json_schema: send "
+                          '{"name": ..., "schema": {...}}', "response_format.json_schema")
+    schema = spec.get("schema")
+    if schema is None:
+        return {"guided_decoding_guide_type": "json"}       # OpenAI: no schema = any JSON object
+    if not isinstance(schema, dict):
+        raise bad_request("response_format.json_schema.schema must be a JSON schema object",
+                          "response_format.json_schema.schema")
+    return {"guided_decoding_guide_type": "json_schema", "guided_decoding_guide": json.dumps(schema)}
+
+
 def extras_in(body: dict[str, Any]) -> list[str]:
+    """The Triton inputs of `body` that older repositories lack."""
     return [k for k in ENGINE_EXTRAS if k in body]
 
 

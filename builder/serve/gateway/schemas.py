@@ -25,7 +25,7 @@ class StreamOptions(_Strict):
 
 
 class ResponseFormat(BaseModel):
-    """`text` (the default), `json_object` or `json_schema` (forwarded to the engine as JSON)."""
+    """`text` (the default), `json_object` or `json_schema`: the engine's guided decoding (params.guide_fields)."""
 
     model_config = ConfigDict(extra="allow")
     type: Literal["text", "json_object", "json_schema"]

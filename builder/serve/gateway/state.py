@@ -11,17 +11,22 @@ from builder.serve.gateway.auth import KeyGuard
 from builder.serve.gateway.config import GatewayConfig
 from builder.serve.gateway.deployments import Catalog
 from builder.serve.gateway.keys import KeyRecord
+from builder.serve.gateway.lifecycle import Lifecycle
 from builder.serve.gateway.tokens import TokenCounters
-from builder.serve.gateway.triton_client import TritonClient
+from builder.serve.gateway.waking import WakingTriton
 
 
 @dataclass
 class Gateway:
     config: GatewayConfig
     catalog: Catalog
-    triton: TritonClient
+    triton: WakingTriton            # Triton, with scale to zero in front
     guard: KeyGuard | None          # None: public, no keys
     tokens: TokenCounters
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.triton.lifecycle
 
 
 def gateway(request: Request) -> Gateway:

@@ -8,6 +8,7 @@ Triton's answers are turned into `ApiError`s here, so the routers only see OpenA
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -135,6 +136,45 @@ class TritonClient:
             raise triton_error(response.status_code, _message(response.content), model)
         self._configs[model] = (time.monotonic(), response.json())
         return self._configs[model][1]
+
+    # -- the model repository (scale to zero: builder/serve/gateway/lifecycle.py) ----------------
+    async def _repository(self, path: str, body: dict | None = None, timeout: float | None = None) -> Any:
+        try:
+            response = await self._http.post(f"/v2/repository{path}", json=body or {},
+                                             timeout=timeout or self._http.timeout)
+        except httpx.TransportError as e:
+            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__})") from None
+        if response.status_code != 200:
+            raise RuntimeError(_message(response.content))
+        return response.json() if response.content else None
+
+    async def load(self, model: str) -> None:
+        """Load (or reload) one model; returns once Triton says it is ready, else raises with why."""
+        await self._repository(f"/models/{model}/load", timeout=600.0)
+        self._configs.pop(model, None)
+
+    async def unload(self, model: str, timeout: float = 60.0) -> None:
+        """Unload one model (not its dependents) and wait until Triton has let it go: the unload
+        call returns before the model's instances are gone."""
+        await self._repository(f"/models/{model}/unload", {"parameters": {"unload_dependents": False}})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = {m["name"]: m.get("state") for m in await self._repository("/index")}
+            if states.get(model) != "UNLOADING":
+                return
+            await asyncio.sleep(0.05)
+
+    async def ready_models(self) -> set[str]:
+        return {m["name"] for m in await self._repository("/index", {"ready": True})}
+
+    async def last_inference(self) -> dict[str, float]:
+        """Each model's last inference as Triton counted it (any protocol), in unix seconds."""
+        try:
+            response = await self._http.get("/v2/models/stats")
+        except httpx.TransportError as e:
+            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__})") from None
+        stats = response.json().get("model_stats", []) if response.status_code == 200 else []
+        return {s["name"]: int(s.get("last_inference", 0)) / 1000.0 for s in stats}
 
     async def input_names(self, model: str) -> set[str]:
         return {i["name"] for i in (await self.config(model)).get("input", [])}

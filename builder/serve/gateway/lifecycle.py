@@ -1,0 +1,205 @@
+"""Scale to zero: which deployments are loaded in Triton, loading them when a request needs one
+(once, however many requests wait) and unloading those idle for longer than their timeout.
+
+Triton never loads or unloads by itself (its maintainers' advice: a layer in front that loads on
+demand), and two concurrent loads of one model can load it twice: this is that layer, and the one
+place that asks Triton to load or unload. A deployment is all of its Triton models; models shared
+by several deployments (a name's preprocessing, postprocessing, tokenizer, pooling) stay loaded
+while any deployment that uses them is. Idleness is the later of the last request seen here and
+Triton's own `last_inference` of the deployment's models (which gRPC calls update too), and a
+deployment with a request in flight is never unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+log = logging.getLogger("serverless_triton.lifecycle")
+
+LOADED, UNLOADED, LOADING, UNLOADING, FAILED = "loaded", "unloaded", "loading", "unloading", "failed"
+FIRST_BACKOFF = 2.0          # seconds before a failed load is tried again; doubles up to MAX_BACKOFF
+MAX_BACKOFF = 60.0
+
+
+class RepositoryApi(Protocol):
+    """Triton's model-repository API (builder/serve/gateway/triton_client.TritonClient)."""
+
+    async def load(self, model: str) -> None: ...
+    async def unload(self, model: str) -> None: ...
+    async def ready_models(self) -> set[str]: ...
+    async def last_inference(self) -> dict[str, float]: ...   # model -> unix seconds (0: never)
+
+
+class NotServable(Exception):
+    """The deployment cannot be loaded now; `retry_after` seconds until it is tried again."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Tracked:
+    """One deployment's serving state, as `serverless-triton status` shows it."""
+
+    id: str                          # name:precision
+    models: tuple[str, ...]          # its Triton models, in load order
+    idle_timeout: float              # seconds; 0: never unloaded
+    memory_bytes: int = 0            # measured at build time (manifest), 0 if unknown
+    state: str = UNLOADED
+    last_request: float = 0.0       # unix seconds
+    in_flight: int = 0
+    cold_starts: int = 0
+    last_cold_start_s: float | None = None
+    load_seconds: dict[str, float] = field(default_factory=dict)   # the last cold start, per Triton model
+    failure: str = ""
+    retry_at: float = 0.0            # monotonic: no new load attempt before
+    backoff: float = FIRST_BACKOFF
+    loading: asyncio.Task | None = field(default=None, repr=False)
+
+
+class Lifecycle:
+    def __init__(self, api: RepositoryApi, hold_limit: float = 120.0, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic):
+        self.api, self.hold_limit = api, hold_limit
+        self.ensembles: set[str] = set()     # Triton models that are ensembles: loaded after their steps
+        self.clock, self.monotonic = clock, monotonic
+        self.deployments: dict[str, Tracked] = {}
+        self._lock = asyncio.Lock()          # one load or unload decision at a time
+
+    def track(self, deployments: list[Tracked]) -> None:
+        """Set the deployments to manage (after a manifest change); keeps the state of known ones."""
+        known = self.deployments
+        self.deployments = {d.id: known.get(d.id, d) for d in deployments}
+        for d in deployments:
+            if d.id in known:
+                known[d.id].models, known[d.id].idle_timeout = d.models, d.idle_timeout
+
+    async def sync(self) -> None:
+        """Learn from Triton which deployments are loaded (at start, and after a refresh)."""
+        ready = await self.api.ready_models()
+        for d in self.deployments.values():
+            if d.state != LOADING:
+                d.state = LOADED if set(d.models) <= ready else UNLOADED
+
+    # -- requests -------------------------------------------------------------------------------
+    @asynccontextmanager
+    async def serving(self, deployment_id: str) -> AsyncIterator[Tracked]:
+        """Around one request: the deployment is loaded (woken if need be) and cannot be unloaded
+        until the request ends."""
+        d = self.deployments[deployment_id]
+        d.in_flight += 1
+        d.last_request = self.clock()
+        try:
+            await self.ensure_loaded(d)
+            yield d
+        finally:
+            d.in_flight -= 1
+            d.last_request = self.clock()
+
+    async def ensure_loaded(self, d: Tracked) -> None:
+        """Return once `d` is loaded; one load however many requests wait. Raises NotServable
+        when the load failed (and backs off), or when it takes longer than the hold limit."""
+        if d.state == LOADED:
+            return
+        if d.state == FAILED and self.monotonic() < d.retry_at:
+            raise NotServable(f"{d.id} failed to load ({d.failure}); retrying in "
+                              f"{d.retry_at - self.monotonic():.0f} s", d.retry_at - self.monotonic())
+        async with self._lock:
+            if d.state != LOADED and (d.loading is None or d.loading.done()):
+                d.loading = asyncio.create_task(self._load(d))
+        try:
+            await asyncio.wait_for(asyncio.shield(d.loading), self.hold_limit)
+        except asyncio.TimeoutError:
+            raise NotServable(f"{d.id} is still loading after {self.hold_limit:.0f} s; retry shortly", 5.0) from None
+        if d.state != LOADED:
+            raise NotServable(f"{d.id} failed to load ({d.failure}); retrying in {d.backoff:.0f} s",
+                              max(d.retry_at - self.monotonic(), 1.0))
+
+    async def _load_one(self, d: Tracked, model: str) -> None:
+        t0 = self.monotonic()
+        await self.api.load(model)
+        d.load_seconds[model] = self.monotonic() - t0
+
+    async def _load(self, d: Tracked) -> None:
+        """Every model but the ensembles at once (Python models call each other only at request
+        time, so their stubs start in parallel), then the ensembles, which Triton checks against
+        their steps."""
+        d.state, t0 = LOADING, self.monotonic()
+        d.load_seconds = {}
+        ensembles = [m for m in d.models if m in self.ensembles]
+        others = [m for m in d.models if m not in self.ensembles]
+        try:
+            results = await asyncio.gather(*(self._load_one(d, m) for m in others), return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:
+                raise failed[0]
+            for model in ensembles:
+                await self._load_one(d, model)
+        except Exception as e:  # any failure: the deployment is not servable; back off
+            d.state, d.failure = FAILED, str(e) or type(e).__name__
+            d.retry_at = self.monotonic() + d.backoff
+            d.backoff = min(d.backoff * 2, MAX_BACKOFF)
+            log.warning("loading %s failed: %s", d.id, d.failure)
+            return
+        d.state, d.failure, d.backoff = LOADED, "", FIRST_BACKOFF
+        d.cold_starts += 1
+        d.last_cold_start_s = self.monotonic() - t0
+        log.info("loaded %s in %.2f s", d.id, d.last_cold_start_s)
+
+    # -- idle unloading -------------------------------------------------------------------------
+    async def sweep(self) -> list[str]:
+        """Unload every loaded deployment idle past its timeout with nothing in flight; returns them."""
+        idle_candidates = [d for d in self.deployments.values()
+                           if d.state == LOADED and d.idle_timeout > 0 and d.in_flight == 0]
+        if not idle_candidates:
+            return []
+        seen = await self.api.last_inference()
+        now = self.clock()
+        unloaded = []
+        for d in idle_candidates:
+            last = max([d.last_request] + [seen.get(m, 0.0) for m in d.models])
+            if now - last >= d.idle_timeout and await self.unload(d.id, idle_since=d.last_request):
+                unloaded.append(d.id)
+        return unloaded
+
+    async def unload(self, deployment_id: str, idle_since: float | None = None) -> bool:
+        """Unload a deployment now (models another loaded deployment uses stay); True if it is
+        unloaded. False, and nothing done, while a request is in flight or it is loading, or
+        (`idle_since`) when a request came since.
+
+        Requests that arrive meanwhile wait (the lock) and load it again; Triton itself lets
+        requests already inside a model finish before that model goes."""
+        async with self._lock:
+            d = self.deployments[deployment_id]
+            if d.state == UNLOADED:
+                return True
+            if d.in_flight or d.state not in (LOADED, FAILED) or (idle_since is not None
+                                                                   and d.last_request > idle_since):
+                return False
+            d.state = UNLOADING
+            others = {m for o in self.deployments.values() if o is not d and o.state in (LOADED, LOADING)
+                      for m in o.models}
+            try:
+                for model in reversed(d.models):   # the ensemble first, then what it calls
+                    if model not in others:
+                        await self.api.unload(model)
+            finally:
+                d.state = UNLOADED
+            log.info("unloaded %s", d.id)
+            return True
+
+    async def run(self, period: float = 1.0) -> None:
+        """The sweeper: forever, every `period` seconds."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.sweep()
+            except Exception as e:  # Triton restarting, a transient error: try again next period
+                log.warning("idle sweep failed: %s", e)

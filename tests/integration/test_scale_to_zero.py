@@ -1,0 +1,101 @@
+"""Scale to zero through the README's `serve`: an idle deployment is unloaded (its Python stubs
+gone), the next request on /v1 or /v2 wakes it and is answered, concurrent first requests cause one
+load, and `status`, `wake` and `unload` drive it from another shell."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import TINY_NAME
+
+from tests.support.serve import CLI, Serve
+
+pytestmark = pytest.mark.slow
+MODEL = f"{TINY_NAME}:fp32"
+TRITON_MODEL = f"{TINY_NAME}-fp32"
+IDLE = 3
+
+
+def stubs_of(repository: Path, model: str) -> list[int]:
+    """Python-backend stub processes serving one Triton model of one repository."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"triton_python_backend_stub") and \
+                any(f"{Path(repository).resolve()}/{model}/1/model.py".encode() in a for a in cmdline):
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(scope="module")
+def deployment(tiny_repository, tmp_path_factory):
+    dep = Serve(tiny_repository, tmp_path_factory.mktemp("serve-zero"), "--public", "--idle-timeout", str(IDLE))
+    try:
+        yield dep
+    finally:
+        dep.stop()
+
+
+def states(dep: Serve) -> dict[str, dict]:
+    out = subprocess.run(CLI + ["status", "--json", "--state-dir", str(dep.state)], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    return {d["model"]: d for d in json.loads(out.stdout)["deployments"]}
+
+
+def wait_state(dep: Serve, state: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while (current := states(dep)[MODEL])["state"] != state:
+        assert time.monotonic() < deadline, current
+        time.sleep(0.5)
+    return current
+
+
+def test_idle_unload_frees_the_stubs_and_a_request_wakes_it(deployment, tiny_repository):
+    assert states(deployment)[MODEL]["state"] == "loaded" and stubs_of(tiny_repository, f"{TRITON_MODEL}-engine")
+    wait_state(deployment, "unloaded", timeout=IDLE + 20)
+    deadline = time.monotonic() + 10
+    while stubs_of(tiny_repository, f"{TRITON_MODEL}-engine") or stubs_of(tiny_repository, f"{TRITON_MODEL}-stream"):
+        assert time.monotonic() < deadline, "the unloaded deployment's stubs are still running"
+        time.sleep(0.2)
+    answer = deployment.openai("unused").chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    assert answer.usage.completion_tokens >= 1                    # woken, then answered
+    d = states(deployment)[MODEL]
+    assert d["state"] == "loaded" and d["cold_starts"] >= 1 and d["last_cold_start_s"] > 0
+
+
+def test_a_v2_request_wakes_it_and_eight_first_requests_share_one_load(deployment, tiny_repository):
+    unloaded = subprocess.run(CLI + ["unload", MODEL, "--state-dir", str(deployment.state)], capture_output=True,
+                              text=True, timeout=60)
+    assert unloaded.returncode == 0 and unloaded.stdout.strip() == f"{MODEL}: unloaded", unloaded.stderr
+    assert not stubs_of(tiny_repository, f"{TRITON_MODEL}-engine")
+    before = states(deployment)[MODEL]["cold_starts"]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: deployment.generate(TRITON_MODEL, None), range(8)))
+    assert [a.status_code for a in answers] == [200] * 8, [a.text for a in answers]
+    assert all(a.json()["text_output"] == answers[0].json()["text_output"] for a in answers)   # greedy, same prompt
+    assert states(deployment)[MODEL]["cold_starts"] == before + 1
+
+
+def test_wake_and_unload_commands(deployment):
+    run = lambda *a: subprocess.run(CLI + [*a, "--state-dir", str(deployment.state)], capture_output=True,  # noqa: E731
+                                    text=True, timeout=120)
+    assert run("unload", MODEL).returncode == 0
+    woke = run("wake", MODEL)
+    assert woke.returncode == 0 and woke.stdout.startswith(f"{MODEL}: loaded (")
+    table = run("status")
+    assert table.returncode == 0 and MODEL in table.stdout and "loaded" in table.stdout
+    unknown = run("wake", "nope:int8")
+    assert unknown.returncode == 1 and "does not exist" in unknown.stderr and "Traceback" not in unknown.stderr
+    elsewhere = subprocess.run(CLI + ["status", "--http-port", "1"], capture_output=True, text=True, timeout=30)
+    assert elsewhere.returncode == 1 and elsewhere.stderr.startswith("Error: ")
