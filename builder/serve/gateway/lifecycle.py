@@ -82,10 +82,11 @@ class Lifecycle:
                 known[d.id].models, known[d.id].idle_timeout = d.models, d.idle_timeout
 
     async def sync(self) -> None:
-        """Learn from Triton which deployments are loaded (at start, and after a refresh)."""
+        """Learn from Triton which deployments are loaded (at start, and every sweep: a repository
+        refresh reloads changed models behind this layer's back)."""
         ready = await self.api.ready_models()
         for d in self.deployments.values():
-            if d.state != LOADING:
+            if d.state in (LOADED, UNLOADED):   # not while this layer is loading or unloading it
                 d.state = LOADED if set(d.models) <= ready else UNLOADED
 
     # -- requests -------------------------------------------------------------------------------
@@ -200,6 +201,7 @@ class Lifecycle:
         while True:
             await asyncio.sleep(period)
             try:
+                await self.sync()
                 await self.sweep()
             except Exception as e:  # Triton restarting, a transient error: try again next period
                 log.warning("idle sweep failed: %s", e)
