@@ -21,6 +21,7 @@ from builder.serve.serving import (
     idle_timeouts,
     key_hint,
     open_repository,
+    parse_memory_budget,
     refresh_on_sighup,
     refuse_rules_without_proxy,
     run_until_signalled,
@@ -61,6 +62,9 @@ from builder.serve.triton_server import Ports, TritonServer
 @click.option("--idle-timeout", default=300.0, show_default=True, type=float, metavar="SECONDS",
               help="Scale to zero: unload a deployment after this long without requests; the next request "
                    "wakes it. 0: never. [[models]] idle_timeout in --deployment overrides it per model.")
+@click.option("--memory-budget", default="80%", show_default=True, metavar="SIZE",
+              help="Memory the loaded deployments may hold (80%, 12G, 800M; 0: none): a deployment that would "
+                   "exceed it first unloads the least recently used idle ones, else answers 503.")
 @click.option("--wake-timeout", default=120.0, show_default=True, type=float, metavar="SECONDS",
               help="Longest a request waits for its deployment to load (then 503 with Retry-After).")
 @click.option("--no-proxy", is_flag=True,
@@ -69,9 +73,9 @@ from builder.serve.triton_server import Ports, TritonServer
               help="tritonserver binary (default: the one bundled in nvidia-pytriton).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path), help="Write Triton's log here.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for every model to be ready.")
-def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, metrics_address, address, public_addresses, allowed_ips,
-          trusted_proxies, deployment, state_dir, public, max_body_size, idle_timeout, wake_timeout, no_proxy,
-          tritonserver, log_file, timeout):
+def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, metrics_address, address, public_addresses,
+          allowed_ips, trusted_proxies, deployment, state_dir, public, max_body_size, idle_timeout, memory_budget,
+          wake_timeout, no_proxy, tritonserver, log_file, timeout):
     """Serve a model repository with tritonserver behind nginx until Ctrl-C or SIGTERM.
 
     Loads every model, waits until each one is READY, starts the OpenAI gateway (/v1) and nginx on
@@ -96,7 +100,7 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, metrics_
                           log_path=log_file,
                           ready_timeout=timeout, mpi_world_size=world_size,
                           rank_models=rank_models)
-    gateway = gateway_for(proxy, server, repo, idle, wake_timeout) if proxy else None
+    gateway = gateway_for(proxy, server, repo, idle, wake_timeout, parse_memory_budget(memory_budget)) if proxy else None
 
     def announce() -> None:
         click.echo("ready")

@@ -28,6 +28,7 @@ class GatewayProcess:
     idle_timeout: float = 0.0                         # scale to zero (0: never unload)
     idle_timeouts: dict[str, float] = field(default_factory=dict)   # per deployment name
     hold_limit: float = 120.0                         # longest a request waits for a load
+    memory_budget: int = 0                            # bytes (0: no budget)
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -39,7 +40,8 @@ class GatewayProcess:
         cmd = [sys.executable, "-m", "builder.serve.gateway", "--triton", self.triton_http,
                "--repository", str(Path(self.repository).resolve()), "--state-dir", str(self.state_dir),
                "--port", str(self.port), "--max-body-bytes", str(self.max_body_bytes),
-               "--idle-timeout", str(self.idle_timeout), "--hold-limit", str(self.hold_limit)]
+               "--idle-timeout", str(self.idle_timeout), "--hold-limit", str(self.hold_limit),
+               "--memory-budget", str(self.memory_budget)]
         for name, seconds in sorted(self.idle_timeouts.items()):
             cmd += ["--idle-timeout-for", f"{name}={seconds}"]
         return cmd + (["--public"] if self.public else [])

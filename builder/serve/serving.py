@@ -5,6 +5,7 @@ the endpoints to announce, and an s3:// repository pulled first and refreshed on
 from __future__ import annotations
 
 import ipaddress
+import re
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from backends.errors import InvalidArgumentError, ProxyError, ServeError, UserEr
 from builder.build.deployment import load_deployment_file
 from builder.serve import storage
 from builder.serve.gateway.keys import KeyStore
+from builder.serve.gateway.memory import machine_memory_bytes
 from builder.serve.gateway_process import GatewayProcess
 from builder.serve.gpu_host import check_serving_host
 from builder.serve.ports import free_port
@@ -146,14 +148,14 @@ def build_proxy(http_port: int, grpc_port: int, address: str, public_addresses, 
 
 
 def gateway_for(proxy: Proxy, server: TritonServer, repository: Path, idle: IdleTimeouts | None = None,
-                hold_limit: float = 120.0) -> GatewayProcess:
+                hold_limit: float = 120.0, memory_budget: int = 0) -> GatewayProcess:
     """The gateway behind this proxy: keys from the proxy's state directory, log beside nginx's."""
     port = int(proxy.layout.gateway.rsplit(":", 1)[1])
     idle = idle or IdleTimeouts()
     return GatewayProcess(server.http_url, repository, proxy.state.path, port, public=not proxy.layout.keys_required,
                           max_body_bytes=proxy.layout.max_body_bytes, idle_timeout=idle.default,
                           idle_timeouts=idle.by_name,
-                          hold_limit=hold_limit, log_path=proxy.state.logs / "gateway.log")
+                          hold_limit=hold_limit, memory_budget=memory_budget, log_path=proxy.state.logs / "gateway.log")
 
 
 @dataclass(frozen=True)
@@ -234,3 +236,19 @@ def open_repository(repository: str, endpoint_url: str | None, echo: Callable[[s
     check_runtimes(repo, manifest)
     check_serving_host(manifest)  # GPU engines only load on the GPU/TensorRT they were built for
     return repo, manifest
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(%|[kKmMgGtT](?:i?[bB])?|[bB]?)\s*$")
+
+
+def parse_memory_budget(value: str) -> int:
+    """`80%` (of this machine's memory), `12G`, `12GiB`, `800M`, or bytes; `0` for no budget."""
+    m = _SIZE.match(value or "")
+    if not m:
+        raise InvalidArgumentError(f"memory budget {value!r} is not a size: write e.g. 80%, 12G or 800M (0: none)")
+    number, unit = float(m[1]), m[2][:1].upper()
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise InvalidArgumentError(f"memory budget {value!r}: a share of the machine is 1% to 100%")
+        return int(machine_memory_bytes() * number / 100)
+    return int(number * {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[unit])

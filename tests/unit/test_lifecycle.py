@@ -171,3 +171,49 @@ def test_sync_learns_what_triton_has_loaded():
         assert life.deployments["m:int8"].state == LOADED and life.deployments["m:fp16"].state == UNLOADED
 
     run(scenario())
+
+
+def test_the_memory_budget_evicts_the_least_recently_used_idle_deployment():
+    async def scenario():
+        triton, clock = FakeTriton(), Clock()
+        gib = 2**30
+        life = Lifecycle(triton, clock=clock, memory_budget=2 * gib + gib // 2)
+        deployments = [llm("int8"), llm("fp16"), llm("fp32")]
+        for d in deployments:
+            d.memory_bytes = gib
+        life.track(deployments)
+        for p in ("int8", "fp16"):                                  # 2 GiB of 2.5 loaded
+            clock.now += 1
+            async with life.serving(f"m:{p}"):
+                pass
+        clock.now += 1
+        async with life.serving("m:int8"):                          # int8 used last: fp16 is the LRU
+            pass
+        async with life.serving("m:fp32") as d:
+            assert d.state == LOADED
+        states = {k: v.state for k, v in life.deployments.items()}
+        assert states == {"m:int8": LOADED, "m:fp16": UNLOADED, "m:fp32": LOADED}
+        assert "m-fp16-engine" not in triton.loaded and "m-preprocessing" in triton.loaded   # shared stays
+
+        async with life.serving("m:int8"):                          # both others busy: nothing can go
+            async with life.serving("m:fp32"):
+                with pytest.raises(NotServable, match=r"memory budget of 2560 MiB is taken: loading it needs "
+                                                      r"1024 MiB .* raise serve --memory-budget"):
+                    async with life.serving("m:fp16"):
+                        pass
+        assert life.deployments["m:fp16"].state == FAILED and "m-fp16-engine" not in triton.loaded
+
+    run(scenario())
+
+
+def test_a_measured_footprint_replaces_the_estimate():
+    async def scenario():
+        life = Lifecycle(FakeTriton(), memory_budget=10 * 2**30, measure=lambda d: 123 * 2**20)
+        d = llm("int8")
+        d.memory_bytes = 2**30
+        life.track([d])
+        async with life.serving("m:int8"):
+            pass
+        assert life.deployments["m:int8"].memory_bytes == 123 * 2**20
+
+    run(scenario())

@@ -114,3 +114,15 @@ def cpu_plan(spec, ckpt, cache_dir: Path, export_args: str, reference: str, limi
         lines.append(f"# {i}. {dep}: {PRECISIONS[precision].openvino}; accuracy against fp32 ({floor(precision)}); "
                      f"Triton models {', '.join(models)}")
     return "\n".join(lines)
+
+
+# A loaded Python model (its stub process: Python, numpy, tokenizers) holds about this much beside
+# what its engine holds (40-80 MB measured, docs/serverless.md).
+PYTHON_MODEL_BYTES = 80 << 20
+
+
+def memory_estimate(engine_dir: Path, python_models: int, kv_cache_bytes: int = 0) -> int:
+    """What a deployment holds loaded, estimated at build time: its weights, the KV cache its
+    engine reserves, and its Python models' processes. Serving measures the real figure."""
+    weights = sum(f.stat().st_size for f in Path(engine_dir).glob("*.bin"))
+    return weights + kv_cache_bytes + python_models * PYTHON_MODEL_BYTES

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from backends.contract.precisions import PRECISIONS
+from backends.llm_engine import kv_cache_gib
 from backends.tokenization import ModelTokenizer
 from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
@@ -26,6 +27,7 @@ from builder.build.engines.openvino_common import (
     derive,
     enforce_floor,
     export_fp32,
+    memory_estimate,
     quantization_of,
 )
 from builder.build.sources.checkpoint import Checkpoint
@@ -84,7 +86,7 @@ def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
                          {"top1_agreement": p.llm_min_top1, "mean_logit_cosine": p.llm_min_cosine})
 
 
-def engine_info(precision: str, context_size: int, max_batch_size: int) -> dict:
+def engine_info(precision: str, context_size: int, max_batch_size: int, engine_dir: Path | None = None) -> dict:
     import openvino as ov
     import openvino_genai as og
 
@@ -96,11 +98,15 @@ def engine_info(precision: str, context_size: int, max_batch_size: int) -> dict:
         "compute": "f32",
         "context_size": context_size,
         "max_batch_size": max_batch_size,
+        **({"memory_bytes": memory_estimate(engine_dir, LLM_PYTHON_MODELS,
+                                            kv_cache_gib(engine_dir, context_size, max_batch_size) << 30)}
+           if engine_dir is not None else {}),
     }
 
 
 # -- the engine target ------------------------------------------------------------------------
 
+LLM_PYTHON_MODELS = 5      # preprocessing, postprocessing, engine, engine call, stream
 _reference_logits: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
 
@@ -133,8 +139,12 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
         accuracy = measure_accuracy(reference, work, ids, job.precision)
     models.append(w.write_llm_cpu_engine(dep, work, job.context_size, spec.max_batch_size))
     models += w.write_llm_front(dep, job.ckpt.hf_dir, spec.max_batch_size)
-    return BuiltDeployment(models, {"infer": dep.llm, "stream": dep.llm_stream},
-                           engine_info(job.precision, job.context_size, spec.max_batch_size), accuracy)
+    info = engine_info(job.precision, job.context_size, spec.max_batch_size, model_dir_engine(job))
+    return BuiltDeployment(models, {"infer": dep.llm, "stream": dep.llm_stream}, info, accuracy)
+
+
+def model_dir_engine(job: BuildJob) -> Path:
+    return job.staging / job.dep.llm_engine / "1" / "engine"
 
 
 def format_plan(spec: DeploymentSpec, ckpt: Checkpoint, context_size: int, output: Path, cache_dir: Path) -> str:

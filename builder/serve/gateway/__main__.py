@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="unload a deployment after this many seconds without requests [0: never]")
     p.add_argument("--idle-timeout-for", action="append", default=[], metavar="NAME=SECONDS",
                    help="a deployment's own idle timeout (NAME or NAME:PRECISION); repeatable")
+    p.add_argument("--memory-budget", type=int, default=0, metavar="BYTES",
+                   help="memory the loaded deployments may hold; least recently used idle ones make room [0: none]")
     p.add_argument("--hold-limit", type=float, default=120.0,
                    help="longest a request waits for its deployment to load before a 503 [120]")
     args = p.parse_args(argv)
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     config = GatewayConfig(triton_url=args.triton, repository=args.repository, state_dir=args.state_dir,
                            public=args.public, max_body_bytes=args.max_body_bytes, request_timeout=args.timeout,
                            default_max_tokens=args.default_max_tokens, idle_timeout=args.idle_timeout,
-                           idle_timeouts=args.idle_timeouts, hold_limit=args.hold_limit)
+                           idle_timeouts=args.idle_timeouts, hold_limit=args.hold_limit,
+                           memory_budget=args.memory_budget)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning", access_log=False,
                 timeout_graceful_shutdown=5)
     return 0

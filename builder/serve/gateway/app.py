@@ -25,6 +25,7 @@ from builder.serve.gateway.deployments import Catalog
 from builder.serve.gateway.errors import ApiError, install_handlers
 from builder.serve.gateway.lifecycle import Lifecycle, Tracked
 from builder.serve.gateway.limits import BodyLimit
+from builder.serve.gateway.memory import stub_rss_bytes
 from builder.serve.gateway.state import Gateway
 from builder.serve.gateway.tokens import TokenCounters
 from builder.serve.gateway.triton_client import TritonClient
@@ -60,8 +61,9 @@ def build_gateway(config: GatewayConfig, transport: httpx.AsyncBaseTransport | N
     guard = None if config.public else KeyGuard(config.state_dir)  # type: ignore[arg-type]
     client = TritonClient(config.triton_base_url, config.request_timeout, config.max_connections, transport)
     catalog = Catalog(config.repository)
-    triton = WakingTriton(client, Lifecycle(client, config.hold_limit), catalog, config.idle_timeout,
-                          config.idle_timeouts)
+    lifecycle = Lifecycle(client, config.hold_limit, memory_budget=config.memory_budget,
+                          measure=lambda d: stub_rss_bytes(config.repository, d.models))
+    triton = WakingTriton(client, lifecycle, catalog, config.idle_timeout, config.idle_timeouts)
     return Gateway(config, catalog, triton, guard, TokenCounters(config.repository))
 
 

@@ -24,6 +24,7 @@ class GatewayConfig:
     idle_timeout: float = 0.0               # scale to zero: seconds without requests before unloading (0: never)
     idle_timeouts: dict[str, float] = field(default_factory=dict)   # by deployment name (or name:precision)
     hold_limit: float = 120.0               # longest a request waits for its deployment to load (then 503)
+    memory_budget: int = 0                  # bytes the loaded deployments may hold (0: no budget)
 
     @property
     def triton_base_url(self) -> str:

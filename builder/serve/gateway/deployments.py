@@ -34,6 +34,7 @@ class Deployment:
     dimension: int | None = None
     created: int = 0
     models: tuple[str, ...] = ()  # every Triton model of the deployment, dependencies first
+    memory_bytes: int = 0         # the build's estimate of what it holds loaded (0: unknown)
 
     @property
     def name(self) -> str:
@@ -45,7 +46,8 @@ def _deployment(entry: DeploymentEntry, created: int) -> Deployment:
     return Deployment(id=entry.user_name, kind=entry.kind, infer=entry.entrypoints["infer"],
                       stream=entry.entrypoints.get("stream"), context_size=engine.get("context_size"),
                       max_batch_size=engine.get("max_batch_size"), dimension=engine.get("dimension"),
-                      created=created, models=tuple(entry.triton_models))
+                      created=created, models=tuple(entry.triton_models),
+                      memory_bytes=int(engine.get("memory_bytes") or 0))
 
 
 def deployments(repository: Path) -> dict[str, Deployment]:

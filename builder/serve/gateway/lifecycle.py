@@ -36,6 +36,10 @@ class RepositoryApi(Protocol):
     async def last_inference(self) -> dict[str, float]: ...   # model -> unix seconds (0: never)
 
 
+def no_measure(d: "Tracked") -> int:
+    return d.memory_bytes
+
+
 class NotServable(Exception):
     """The deployment cannot be loaded now; `retry_after` seconds until it is tried again."""
 
@@ -66,8 +70,12 @@ class Tracked:
 
 class Lifecycle:
     def __init__(self, api: RepositoryApi, hold_limit: float = 120.0, clock: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic):
+                 monotonic: Callable[[], float] = time.monotonic, memory_budget: int = 0,
+                 measure: Callable[[Tracked], int] = no_measure):
+        """`memory_budget` (bytes, 0: none): loading a deployment that would exceed it first unloads
+        the least recently used idle ones; `measure` gives a loaded deployment's resident memory."""
         self.api, self.hold_limit = api, hold_limit
+        self.memory_budget, self.measure = memory_budget, measure
         self.ensembles: set[str] = set()     # Triton models that are ensembles: loaded after their steps
         self.clock, self.monotonic = clock, monotonic
         self.deployments: dict[str, Tracked] = {}
@@ -137,6 +145,7 @@ class Lifecycle:
         ensembles = [m for m in d.models if m in self.ensembles]
         others = [m for m in d.models if m not in self.ensembles]
         try:
+            await self._make_room(d)
             results = await asyncio.gather(*(self._load_one(d, m) for m in others), return_exceptions=True)
             failed = [r for r in results if isinstance(r, BaseException)]
             if failed:
@@ -150,9 +159,33 @@ class Lifecycle:
             log.warning("loading %s failed: %s", d.id, d.failure)
             return
         d.state, d.failure, d.backoff = LOADED, "", FIRST_BACKOFF
+        d.memory_bytes = self.measure(d) or d.memory_bytes
         d.cold_starts += 1
         d.last_cold_start_s = self.monotonic() - t0
         log.info("loaded %s in %.2f s", d.id, d.last_cold_start_s)
+
+    async def _make_room(self, d: Tracked) -> None:
+        """Unload least recently used idle deployments until `d` fits the memory budget; raise
+        (nothing is loaded) when it cannot fit."""
+        if not self.memory_budget:
+            return
+        need = d.memory_bytes or max((o.memory_bytes for o in self.deployments.values()), default=0)
+
+        def used() -> int:
+            return sum(o.memory_bytes for o in self.deployments.values() if o is not d and o.state in (LOADED, LOADING))
+
+        for other in sorted((o for o in self.deployments.values() if o is not d and o.state == LOADED),
+                            key=lambda o: o.last_request):
+            if used() + need <= self.memory_budget:
+                return
+            if not other.in_flight and await self.unload(other.id):
+                log.info("unloaded %s to make room for %s (memory budget)", other.id, d.id)
+        if used() + need > self.memory_budget:
+            mib = 2**20
+            raise MemoryError(f"the memory budget of {self.memory_budget // mib} MiB is taken: loading it needs "
+                              f"{need // mib} MiB and the loaded deployments hold {used() // mib} MiB, with "
+                              "requests in flight; retry later, unload one (serverless-triton unload), or raise "
+                              "serve --memory-budget")
 
     # -- idle unloading -------------------------------------------------------------------------
     async def sweep(self) -> list[str]:

@@ -19,8 +19,8 @@ from builder.serve.gateway.triton_client import TritonClient, TritonStream
 def tracked(deployments: list[Deployment], idle_timeout: float, idle_timeouts: dict[str, float]) -> list[Tracked]:
     """What the lifecycle manages: each deployment with its idle timeout (its name's own, else the
     serve-wide one)."""
-    return [Tracked(d.id, d.models, idle_timeouts.get(d.name, idle_timeouts.get(d.id, idle_timeout)))
-            for d in deployments if d.models]
+    return [Tracked(d.id, d.models, idle_timeouts.get(d.name, idle_timeouts.get(d.id, idle_timeout)),
+                    memory_bytes=d.memory_bytes) for d in deployments if d.models]
 
 
 def not_servable(e: NotServable) -> ApiError:
