@@ -69,16 +69,17 @@ class TritonPythonModel:
         call = pb_utils.InferenceRequest(
             model_name=self.engine, request_id=key, requested_output_names=["output_ids", "sequence_length"],
             inputs=[pb_utils.Tensor(engine, pre[name]) for name, engine in contract.PREPROCESSING_TO_ENGINE.items()])
+        ended = ""      # why the engine request was stopped early: the rest of its responses is drained
         for response in call.exec(decoupled=True):
             if response.has_error():
                 raise RequestError(response.error().message())
-            if io.is_cancelled(r):
+            if not ended and io.is_cancelled(r):
                 pb_utils.Logger.log_info(f"stream: {key} cancelled by the client; stopping its engine request")
                 self._stop_engine(key)
-                return
+                ended = "cancelled"
             tensors = response.output_tensors()
-            if not tensors:
-                continue  # the engine's final flag alone
+            if ended or not tensors:
+                continue  # draining after a stop, or the engine's final flag alone
             length = int(pb_utils.get_output_tensor_by_name(response, "sequence_length").as_numpy().reshape(-1)[0])
             ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1)[:length].tolist()
             chunk = stream.add(ids)
@@ -86,7 +87,15 @@ class TritonPythonModel:
                 sender.send(_response(chunk, prompt_tokens, notice))
             if stream.stopped:
                 self._stop_engine(key)
-                break
+                ended = "stop string"
+        if ended == "cancelled":
+            # Triton counts the request in flight until its final flag (an unload waits for it): send
+            # it even though nobody listens any more.
+            try:
+                sender.send(flags=FINAL)
+            except Exception:
+                pass
+            return
         sender.send(_response(stream.end(), prompt_tokens, notice), flags=FINAL)
 
     def _run(self, r) -> None:
