@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from builder.serve import storage
 from builder.serve.gateway.keys import KeyStore
 from builder.serve.ports import free_ports
 from tests.support.dockerfile import Dockerfile
+from tests.support.serve import stop_serve
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,13 +128,7 @@ class ImageEntryPoint:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_serve(self.process)
 
 
 def _provision_keys(state: Path) -> str:

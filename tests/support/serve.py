@@ -24,6 +24,17 @@ CLI = [sys.executable, "-m", "builder"]
 GENERATE = {"text_input": "Hello", "max_tokens": 4}
 
 
+def stop_serve(process: subprocess.Popen) -> None:
+    """SIGTERM to a serve started in its own session (it stops what it started), SIGKILL after 60 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class Serve:
     """`serverless-triton serve` in a subprocess (nginx, gateway, Triton); always stopped."""
 
@@ -78,13 +89,7 @@ class Serve:
                 return str(e.status()).rsplit(".", 1)[-1]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_serve(self.process)
 
 
 class Front:
