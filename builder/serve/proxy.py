@@ -129,6 +129,10 @@ class ProxyLayout:
 class StateDir:
     path: Path
 
+    def __post_init__(self) -> None:
+        # absolute: nginx runs with -p STATE/ and would read a relative error log path twice over
+        object.__setattr__(self, "path", Path(self.path).resolve())
+
     @property
     def layout_file(self) -> Path:
         return self.path / "proxy.json"

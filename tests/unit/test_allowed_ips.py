@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import jinja2
 import pytest
@@ -142,3 +143,12 @@ def test_deployment_file_entries_are_validated(tmp_path):
     deployment.write_text(DEPLOYMENT.replace("203.0.113.0/24", "203.0.113.1/24"))
     with pytest.raises(InvalidArgumentError, match="host bits set"):
         access_rules(StateDir(tmp_path / "state"), deployment, [], [])
+
+
+def test_a_relative_state_dir_renders_absolute_paths(tmp_path, monkeypatch):
+    """serve --state-dir demo-output/state: nginx gets absolute paths (it reads them from its prefix)."""
+    monkeypatch.chdir(tmp_path)
+    state = StateDir(Path("demo-output/state"))
+    assert state.path == tmp_path / "demo-output" / "state"
+    conf = render_config(state, LAYOUT, AccessRules())
+    assert f"error_log {tmp_path}/demo-output/state/logs/error.log" in conf
