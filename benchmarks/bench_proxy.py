@@ -64,7 +64,7 @@ def endpoints(tmp_path_factory):
     cmd = [sys.executable, "-c", "from builder.cli.serve import serve; serve()", "--repository", str(tmp / "repo"),
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
            "--public-address", "127.0.0.1", "--allowed-ip", "127.0.0.1", "--state-dir", str(tmp / "state"),
-           "--public"]   # the allowed-IP front alone (bench_openai.py measures /v1 with keys)
+           "--public", "--idle-timeout", "0"]   # the allowed-IP front alone (bench_openai.py: /v1 with keys)
     with open(out, "wb") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)

@@ -95,6 +95,8 @@ def test_a_failed_load_answers_503_with_retry_after_and_backs_off(tmp_path, trit
 @pytest.mark.parametrize("uri,model", [
     ("/v2/models/m-int8/generate", "m-int8"), ("/v2/models/m-int8-stream/generate_stream", "m-int8-stream"),
     ("/v2/models/m-int8/versions/1/infer", "m-int8"), ("/v2/models/m-int8/infer?x=1", "m-int8"),
-    ("/v2/models/m-int8/config", None), ("/v2/health/ready", None), ("/v2/models/m-int8", None), ("", None)])
+    ("/v2/models/m-int8/config", "m-int8"), ("/v2/models/m-int8", "m-int8"), ("/v2/models/m-int8/stats", "m-int8"),
+    ("/v2/models/m-int8/ready", None), ("/v2/models/m-int8/versions/1/ready", None), ("/v2/models/stats", None),
+    ("/v2/health/ready", None), ("/v2/repository/index", None), ("", None)])
 def test_v2_model_of_an_inference_uri(uri, model):
     assert v2_model(uri) == model

@@ -32,13 +32,17 @@ from builder.serve.gateway.triton_client import TritonClient
 from builder.serve.gateway.waking import WakingTriton
 
 log = logging.getLogger("serverless_triton.gateway")
-_V2_MODEL = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?/(?:infer|generate|generate_stream)(?:[/?]|$)")
+_V2_MODEL = re.compile(r"^/v2/models/([^/?]+)(?:/versions/[^/?]+)?(/[^?]*)?(?:\?.*)?$")
 
 
 def v2_model(uri: str) -> str | None:
-    """The model a Triton /v2 inference URI names (None for anything else: health, metadata...)."""
+    """The model a Triton /v2 request names, for every call that needs it loaded: inference, and
+    metadata and config, which clients read first (tritonclient does). Not its readiness, which
+    must say the truth to a load balancer, nor server-wide routes (health, stats, repository)."""
     match = _V2_MODEL.match(uri)
-    return urllib.parse.unquote(match.group(1)) if match else None
+    if not match or match.group(2) == "/ready" or match.group(1) == "stats":
+        return None
+    return urllib.parse.unquote(match.group(1))
 
 
 def status_of(d: Tracked) -> dict:
