@@ -12,11 +12,11 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from builder.paths import cache_root
 from builder.serve.ports import free_ports
 from tests.support.texts import varied_sentences
 
@@ -49,7 +49,7 @@ def server(tmp_path_factory):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     root = tmp_path_factory.mktemp("bench-embedding")
-    cache = Path.home() / ".cache" / "serverless-triton"          # the fp32 export is reused across runs
+    cache = cache_root()          # the fp32 export is reused across runs
     build([DeploymentSpec(NAME, kind="embedding", precisions=PRECISIONS, max_batch_size=64)],
           BuildOptions(output=root / "repo", cache_dir=cache, echo=lambda _: None))
     with TritonServer(root / "repo", Ports(*free_ports(3)), log_path=root / "triton.log") as s:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from builder.paths import cache_root
 from builder.serve.ports import free_ports
 from tests.support.llm_client import http_infer
 
@@ -31,7 +32,7 @@ def server(tmp_path_factory):
     from builder.serve.triton_server import Ports, TritonServer
 
     root = tmp_path_factory.mktemp("bench-llm")
-    cache = Path.home() / ".cache" / "serverless-triton"
+    cache = cache_root()
     build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=1024, max_batch_size=8)],
           BuildOptions(output=root / "repo", cache_dir=cache, echo=lambda _: None))
     with TritonServer(root / "repo", Ports(*free_ports(3)), log_path=root / "triton.log") as s:
@@ -58,7 +59,7 @@ def test_transformers_fp32_batch1(benchmark):
 
     from builder.build.sources.checkpoint import resolve
 
-    ckpt = resolve("default", "llm", Path.home() / ".cache" / "serverless-triton")
+    ckpt = resolve("default", "llm", cache_root())
     model = AutoModelForCausalLM.from_pretrained(ckpt.hf_dir, dtype=torch.float32).eval()
     ids = torch.tensor([Tokenizer.from_file(str(ckpt.hf_dir / "tokenizer.json")).encode(PROMPTS[0]).ids])
 

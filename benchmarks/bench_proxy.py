@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from builder.paths import cache_root
 from builder.serve.ports import free_ports
 from builder.serve.processes import children
 from tests.support.echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
@@ -56,7 +57,7 @@ def endpoints(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("bench_proxy")
     build([DeploymentSpec(EMBEDDING, kind="embedding", precisions=["int8"])],
-          BuildOptions(output=tmp / "repo", cache_dir=Path.home() / ".cache" / "serverless-triton",
+          BuildOptions(output=tmp / "repo", cache_dir=cache_root(),
                        echo=lambda _: None))
     write_python_model(tmp / "repo", "echo", ECHO_CONFIG, ECHO_MODEL)
     http_port, grpc_port, metrics_port = free_ports(3)

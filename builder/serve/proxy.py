@@ -1,7 +1,7 @@
 """nginx in front of Triton: allow/deny by client address on the HTTP and gRPC ports.
 
 Triton listens on loopback only; nginx owns the public ports. Every serve keeps a state directory
-(default ~/.cache/serverless-triton/serve-<public http port>/) so that `allowed-ips` commands run
+(default $XDG_CACHE_HOME/serverless-triton/serve-<public http port>/) so that `allowed-ips` commands run
 from another shell can find the running proxy and change its rules:
 
     proxy.json         where nginx listens and where Triton is (written by serve at start)
