@@ -6,12 +6,7 @@ from __future__ import annotations
 
 from backends.errors import InvalidArgumentError
 from builder.build.engine_target import EngineTarget
-from builder.build.engines import (
-    openvino_encoder,
-    openvino_llm,
-    tensorrt_encoder,
-    tensorrt_llm,
-)
+from builder.build.engines import openvino_encoder, openvino_llm, tensorrt_encoder, tensorrt_llm
 
 TARGETS: dict[tuple[str, str], EngineTarget] = {
     ("llm", "cpu"): openvino_llm,

@@ -6,19 +6,9 @@ from pathlib import Path
 
 import click
 
-from backends.contract.precisions import (
-    DEFAULT_PRECISIONS,
-    PRECISIONS,
-    parse_precisions,
-)
+from backends.contract.precisions import DEFAULT_PRECISIONS, PRECISIONS, parse_precisions
 from backends.errors import InvalidArgumentError
-from builder.build.deployment import (
-    ENGINES,
-    KINDS,
-    POOLINGS,
-    DeploymentSpec,
-    load_deployment_file,
-)
+from builder.build.deployment import ENGINES, KINDS, POOLINGS, DeploymentSpec, load_deployment_file
 from builder.build.pipeline import BuildOptions, build
 from builder.build.plan import format_plan
 from builder.build.sources.checkpoint import default_name

@@ -32,13 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from backends.contract.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    check_runtimes,
-    read_manifest,
-    write_manifest,
-)
+from backends.contract.manifest import MANIFEST_NAME, Manifest, check_runtimes, read_manifest, write_manifest
 from backends.errors import InvalidArgumentError, SourceError
 from builder import __version__
 from builder.build.deployment import load_deployment_file

@@ -21,13 +21,7 @@ from builder.serve.gateway.memory import machine_memory_bytes
 from builder.serve.gateway_process import GatewayProcess
 from builder.serve.gpu_host import check_serving_host
 from builder.serve.ports import free_port
-from builder.serve.proxy import (
-    AccessRules,
-    Proxy,
-    ProxyLayout,
-    StateDir,
-    default_state_dir,
-)
+from builder.serve.proxy import AccessRules, Proxy, ProxyLayout, StateDir, default_state_dir
 from builder.serve.triton_server import Ports, TritonServer
 
 

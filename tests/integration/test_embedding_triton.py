@@ -14,10 +14,7 @@ import pytest
 from backends.contract.naming import DeploymentName
 from backends.contract.precisions import PRECISIONS
 from backends.embedding import cosine
-from builder.build.sources.checkpoint import (
-    DEFAULT_EMBEDDING_NAME,
-    default_embedding_dir,
-)
+from builder.build.sources.checkpoint import DEFAULT_EMBEDDING_NAME, default_embedding_dir
 from builder.serve.embedding_client import embed_texts
 from builder.serve.ports import free_ports
 from tests.support.texts import EMPTY_AFTER_STRIP, varied_sentences

@@ -14,14 +14,7 @@ from conftest import LLM_CONTEXT, LLM_NAME, LLM_PRECISIONS, TINY_NAME
 
 from backends.contract.manifest import read_manifest, verify_files
 from backends.contract.naming import DeploymentName
-from tests.support.llm_client import (
-    engine_ids,
-    generate,
-    grpc_infer,
-    grpc_stream,
-    http_infer,
-    sse_events,
-)
+from tests.support.llm_client import engine_ids, generate, grpc_infer, grpc_stream, http_infer, sse_events
 
 QUESTION = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 SERVED = ["fp16", "int8", "fp8"]

@@ -31,13 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from backends.errors import ProxyError
 from builder.serve.ports import free_ports
-from builder.serve.proxy import (
-    Proxy,
-    ProxyLayout,
-    StateDir,
-    install_config,
-    running_master,
-)
+from builder.serve.proxy import Proxy, ProxyLayout, StateDir, install_config, running_master
 from tests.support.echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
 
 pytestmark = pytest.mark.slow

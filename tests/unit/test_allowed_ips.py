@@ -9,14 +9,7 @@ import jinja2
 import pytest
 
 from backends.errors import InvalidArgumentError
-from builder.serve.proxy import (
-    TEMPLATES,
-    AccessRules,
-    ProxyLayout,
-    StateDir,
-    parse_entry,
-    render_config,
-)
+from builder.serve.proxy import TEMPLATES, AccessRules, ProxyLayout, StateDir, parse_entry, render_config
 from builder.serve.serving import access_rules
 
 

@@ -21,22 +21,12 @@ from tritonclient.grpc import model_config_pb2
 from backends.contract.manifest import DeploymentEntry, Manifest, RuntimeInfo
 from backends.contract.naming import DeploymentName
 from backends.contract.precisions import PRECISIONS
-from backends.errors import (
-    BuildError,
-    InvalidArgumentError,
-    ServeError,
-    UnsupportedModelError,
-)
+from backends.errors import BuildError, InvalidArgumentError, ServeError, UnsupportedModelError
 from builder.build.deployment import DeploymentSpec
 from builder.build.engines import gpu as gpu_mod
 from builder.build.engines import tensorrt_encoder as enc
 from builder.build.engines import tensorrt_llm as trt
-from builder.build.engines.gpu import (
-    GpuInfo,
-    parse_compute_capability,
-    parse_nvidia_smi,
-    same_tensorrt,
-)
+from builder.build.engines.gpu import GpuInfo, parse_compute_capability, parse_nvidia_smi, same_tensorrt
 from builder.build.sources.checkpoint import default_embedding_dir
 from builder.serve import gpu_host
 

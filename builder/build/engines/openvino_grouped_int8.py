@@ -40,12 +40,8 @@ def _decompression(weight: np.ndarray, group_size: int):
     """Grouped u8 constants and the subgraph that turns them back into the f32 [N, K] weight."""
     import nncf
     import openvino as ov
-    from nncf.quantization.algorithms.weight_compression.config import (
-        WeightCompressionConfig,
-    )
-    from nncf.quantization.algorithms.weight_compression.weight_lowering import (
-        do_integer_quantization,
-    )
+    from nncf.quantization.algorithms.weight_compression.config import WeightCompressionConfig
+    from nncf.quantization.algorithms.weight_compression.weight_lowering import do_integer_quantization
     from nncf.tensor import Tensor
     from openvino import opset13 as ops
 

@@ -30,20 +30,10 @@ from typing import Any, Callable
 
 from backends.contract.naming import DeploymentName
 from backends.contract.precisions import PRECISIONS
-from backends.errors import (
-    BuildError,
-    InvalidArgumentError,
-    SourceError,
-    UnsupportedModelError,
-)
+from backends.errors import BuildError, InvalidArgumentError, SourceError, UnsupportedModelError
 from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
-from builder.build.engines.gpu import (
-    GpuInfo,
-    host_gpu,
-    tensorrt_llm_version,
-    tensorrt_version,
-)
+from builder.build.engines.gpu import GpuInfo, host_gpu, tensorrt_llm_version, tensorrt_version
 from builder.build.repository import render_config
 from builder.build.sources.checkpoint import Checkpoint, resolve_context_size
 

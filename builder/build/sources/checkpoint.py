@@ -17,12 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.contract.manifest import sha256_file
-from backends.errors import (
-    InvalidArgumentError,
-    SourceError,
-    UnsafeCheckpointError,
-    UnsupportedModelError,
-)
+from backends.errors import InvalidArgumentError, SourceError, UnsafeCheckpointError, UnsupportedModelError
 
 SUPPORTED_LLM_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Encoders the embedding path exports (optimum-intel, feature-extraction) and serves (BERT family).
@@ -167,9 +162,7 @@ def resolve(source: str, kind: str, cache_dir: Path) -> Checkpoint:
                               "directory or a .gguf file")
         if kind != "llm":
             raise UnsupportedModelError(f"{path}: GGUF sources are supported for LLMs only")
-        from builder.build.sources.gguf import (
-            convert_gguf,  # build extra (gguf, safetensors): imported on use
-        )
+        from builder.build.sources.gguf import convert_gguf  # build extra (gguf, safetensors): imported on use
 
         digest = sha256_file(path)
         out = sources / f"gguf-{digest[:24]}"

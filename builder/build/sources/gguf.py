@@ -18,14 +18,7 @@ import gguf
 import numpy as np
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
-from tokenizers import (
-    AddedToken,
-    Tokenizer,
-    decoders,
-    models,
-    pre_tokenizers,
-    processors,
-)
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from backends.errors import SourceError, UnsupportedModelError
 

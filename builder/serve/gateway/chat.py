@@ -11,20 +11,9 @@ from fastapi.responses import JSONResponse, Response
 
 from builder.serve.gateway.body import parse
 from builder.serve.gateway.deployments import Deployment
-from builder.serve.gateway.generation import (
-    Plan,
-    all_of,
-    generate,
-    open_streams,
-    pieces,
-)
+from builder.serve.gateway.generation import Plan, all_of, generate, open_streams, pieces
 from builder.serve.gateway.messages import normalize_messages
-from builder.serve.gateway.params import (
-    choice_seeds,
-    refuse_unsupported,
-    sampling_body,
-    with_seed,
-)
+from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
 from builder.serve.gateway.schemas import ChatCompletionRequest
 from builder.serve.gateway.sse import DONE, event, streaming_response

@@ -11,19 +11,8 @@ from fastapi.responses import JSONResponse, Response
 from builder.serve.gateway.body import parse
 from builder.serve.gateway.deployments import Deployment
 from builder.serve.gateway.errors import bad_request
-from builder.serve.gateway.generation import (
-    Plan,
-    all_of,
-    generate,
-    open_streams,
-    pieces,
-)
-from builder.serve.gateway.params import (
-    choice_seeds,
-    refuse_unsupported,
-    sampling_body,
-    with_seed,
-)
+from builder.serve.gateway.generation import Plan, all_of, generate, open_streams, pieces
+from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
 from builder.serve.gateway.schemas import CompletionRequest
 from builder.serve.gateway.sse import DONE, event, streaming_response

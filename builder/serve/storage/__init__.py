@@ -38,12 +38,7 @@ from builder.serve.storage.index import (
 )
 from builder.serve.storage.pulling import PullReport, exchange, pull
 from builder.serve.storage.pushing import PushReport, push
-from builder.serve.storage.refreshing import (
-                                   RefreshReport,
-                                   default_cache_dir,
-                                   model_changes,
-                                   refresh,
-)
+from builder.serve.storage.refreshing import RefreshReport, default_cache_dir, model_changes, refresh
 from builder.serve.storage.s3 import TransferSettings, make_client, storage_error
 
 __all__ = ["INDEX_NAME", "INDEX_SCHEMA", "FileEntry", "HashCache", "RepositoryIndex", "S3Location", "check_layout",
