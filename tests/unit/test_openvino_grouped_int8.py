@@ -5,11 +5,10 @@ buys over nncf's per-channel int8."""
 from __future__ import annotations
 
 import numpy as np
+import openvino as ov
 import pytest
 
-ov = pytest.importorskip("openvino")
-
-from builder.build.engines import openvino_grouped_int8 as grouped  # noqa: E402
+from builder.build.engines import openvino_grouped_int8 as grouped
 
 VOCAB, WIDTH, HIDDEN, OUT = 50, 128, 96, 40
 

@@ -14,14 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jinja2
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from backends.contract import tensors as contract
 from backends.contract.manifest import DeploymentEntry, Manifest, RuntimeInfo
 from backends.contract.naming import DeploymentName
 from backends.contract.precisions import PRECISIONS
 from backends.errors import BuildError, InvalidArgumentError, ServeError, UnsupportedModelError
+from builder.build import repository
 from builder.build.deployment import DeploymentSpec
 from builder.build.engines import gpu as gpu_mod
 from builder.build.engines import tensorrt_encoder as enc
@@ -403,7 +406,7 @@ def test_engine_tensors_cover_the_design_interface(tmp_path):
 
 
 def test_cpu_engine_interface_is_a_subset_of_the_tensorrtllm_config():
-    """The CPU engine (backends/contract.py and the rendered model_repository/llm_engine template)
+    """The CPU engine (backends/contract/tensors.py and the rendered model_repository/llm_engine template)
     must be replaceable by the tensorrtllm model under the same ensemble: every tensor it declares
     exists in the tensorrtllm config with the same dtype and dims."""
     spec = spec_for()
@@ -411,14 +414,8 @@ def test_cpu_engine_interface_is_a_subset_of_the_tensorrtllm_config():
     cfg = parse_config(trt.render_engine_config(dep, spec, "m/1/engine"))
     gpu_io = {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims))
               for t in [*cfg.input, *cfg.output]}
-    contract = pytest.importorskip("backends.contract.tensors")
     cpu_io = {t.name: (t.dtype, list(t.dims)) for t in [*contract.ENGINE_INPUTS, *contract.ENGINE_OUTPUTS]}
     assert cpu_io.items() <= gpu_io.items(), {k: v for k, v in cpu_io.items() if gpu_io.get(k) != v}
-    if not (ROOT / "model_repository/llm_engine/config.pbtxt.j2").exists():
-        return
-    repository = pytest.importorskip("builder.build.repository")
-    import jinja2
-
     try:
         text = repository.render_config("llm_engine", name=dep.llm_engine, deployment=str(dep),
                                         inputs=contract.ENGINE_INPUTS, outputs=contract.ENGINE_OUTPUTS,
