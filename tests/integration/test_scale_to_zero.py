@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import TINY_NAME
 
+from backends.errors import InvalidArgumentError
+from builder.serve.control import act
 from tests.support.serve import CLI, Serve
 
 pytestmark = pytest.mark.slow
@@ -99,3 +101,18 @@ def test_wake_and_unload_commands(deployment):
     assert unknown.returncode == 1 and "does not exist" in unknown.stderr and "Traceback" not in unknown.stderr
     elsewhere = subprocess.run(CLI + ["status", "--http-port", "1"], capture_output=True, text=True, timeout=30)
     assert elsewhere.returncode == 1 and elsewhere.stderr.startswith("Error: ")
+
+
+def test_an_unload_never_cuts_a_request_in_flight(deployment):
+    """A stream holds its deployment: `unload` is refused while it runs, and the stream ends whole."""
+    client = deployment.openai("unused")
+    stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                            max_tokens=200, temperature=0, stream_options={"include_usage": True})
+    chunks = iter(stream)
+    first = next(chunks)                                          # the stream is open and in flight
+    with pytest.raises(InvalidArgumentError, match="has requests in flight"):
+        act(deployment.state, MODEL, "unload")                    # at once (the CLI's start is too slow)
+    rest = list(chunks)
+    reasons = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
+    assert reasons == ["length"] and rest[-1].usage.completion_tokens == 200
+    assert states(deployment)[MODEL]["state"] == "loaded"
