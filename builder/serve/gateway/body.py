@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
@@ -31,3 +31,17 @@ async def parse(request: Request, model: type[M]) -> M:
         return model.model_validate(data)
     except ValidationError as e:
         raise from_validation(list(e.errors())) from None
+
+
+def text_list(value: Any, param: str, limit: int) -> list[str]:
+    """A string or a list of strings (a prompt, embedding inputs) as a list; token ids, an empty
+    list or more than `limit` strings are a 400 naming `param`."""
+    texts = [value] if isinstance(value, str) else list(value)
+    if not texts:
+        raise bad_request(f"{param} must not be empty: send a string or a list of strings", param)
+    if not all(isinstance(t, str) for t in texts):
+        raise bad_request(f"token ids are not supported in {param}: send text (a string or a list of strings)",
+                          param)
+    if len(texts) > limit:
+        raise bad_request(f"{param} holds {len(texts)} strings; at most {limit} are allowed per request", param)
+    return texts

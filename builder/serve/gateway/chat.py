@@ -16,7 +16,7 @@ from builder.serve.gateway.messages import normalize_messages
 from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
 from builder.serve.gateway.schemas import ChatCompletionRequest
-from builder.serve.gateway.sse import DONE, event, streaming_response
+from builder.serve.gateway.sse import DONE, chunk_writer, streaming_response
 from builder.serve.gateway.state import GatewayDep, require_key
 from builder.serve.gateway.triton_client import TritonStream
 
@@ -56,14 +56,8 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
 async def _stream(opened: list[tuple[TritonStream, dict[str, Any] | None]], plans: list[Plan], dep: Deployment,
                   include_usage: bool) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: the role first, then text, finish_reason once, usage, [DONE]."""
-    cid, created, usage = new_id("chatcmpl"), now(), Usage()
-
-    def chunk(choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> bytes:
-        data: dict[str, Any] = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": dep.id,
-                                "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            data["usage"] = usage_body
-        return event(data)
+    usage = Usage()
+    chunk = chunk_writer("chat.completion.chunk", new_id("chatcmpl"), now(), dep.id, include_usage)
 
     def choice(index: int, delta: dict[str, str], reason: str | None = None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}

@@ -8,14 +8,13 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from builder.serve.gateway.body import parse
+from builder.serve.gateway.body import parse, text_list
 from builder.serve.gateway.deployments import Deployment
-from builder.serve.gateway.errors import bad_request
 from builder.serve.gateway.generation import Plan, all_of, generate, open_streams, pieces
 from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
 from builder.serve.gateway.schemas import CompletionRequest
-from builder.serve.gateway.sse import DONE, event, streaming_response
+from builder.serve.gateway.sse import DONE, chunk_writer, streaming_response
 from builder.serve.gateway.state import GatewayDep, require_key
 from builder.serve.gateway.triton_client import TritonStream
 
@@ -26,14 +25,7 @@ MAX_PROMPTS = 64
 
 def prompts_of(prompt: Any) -> list[str]:
     """The request's prompts as strings; token-id prompts are refused (the engines take text)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    if not prompts:
-        raise bad_request("prompt must not be empty: send a string or a list of strings", "prompt")
-    if not all(isinstance(p, str) for p in prompts):
-        raise bad_request("token-id prompts are not supported: send the prompt as text", "prompt")
-    if len(prompts) > MAX_PROMPTS:
-        raise bad_request(f"{len(prompts)} prompts in one request; at most {MAX_PROMPTS}", "prompt")
-    return prompts
+    return text_list(prompt, "prompt", MAX_PROMPTS)
 
 
 def plans_for(req: CompletionRequest, dep: Deployment, prompts: list[str]) -> list[Plan]:
@@ -73,14 +65,8 @@ async def completions(request: Request, gw: GatewayDep) -> Response:
 async def _stream(opened: list[tuple[TritonStream, dict[str, Any] | None]], plans: list[Plan], dep: Deployment,
                   echoes: list[str], include_usage: bool) -> AsyncIterator[bytes]:
     """text_completion events: the echoed prompt first (if asked), text, finish_reason once, usage, [DONE]."""
-    cid, created, usage = new_id("cmpl"), now(), Usage()
-
-    def chunk(choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> bytes:
-        data: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": dep.id,
-                                "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            data["usage"] = usage_body
-        return event(data)
+    usage = Usage()
+    chunk = chunk_writer("text_completion", new_id("cmpl"), now(), dep.id, include_usage)
 
     for i, echo in enumerate(echoes):
         if echo:

@@ -11,7 +11,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from builder.serve.gateway.body import parse
+from builder.serve.gateway.body import parse, text_list
 from builder.serve.gateway.errors import bad_request, unsupported
 from builder.serve.gateway.generation import all_of
 from builder.serve.gateway.schemas import MAX_EMBEDDING_INPUTS, EmbeddingRequest
@@ -21,13 +21,7 @@ router = APIRouter(dependencies=[Depends(require_key)])
 
 
 def texts_of(value: Any) -> list[str]:
-    texts = [value] if isinstance(value, str) else list(value)
-    if not texts:
-        raise bad_request("input must not be empty: send a string or a list of strings", "input")
-    if not all(isinstance(t, str) for t in texts):
-        raise bad_request("token-id arrays are not supported as input: send the texts as strings", "input")
-    if len(texts) > MAX_EMBEDDING_INPUTS:
-        raise bad_request(f"input holds {len(texts)} texts; at most {MAX_EMBEDDING_INPUTS} per request", "input")
+    texts = text_list(value, "input", MAX_EMBEDDING_INPUTS)
     for i, t in enumerate(texts):
         if not t:
             raise bad_request(f"input[{i}] is an empty string: send some text", "input" if len(texts) == 1 else f"input[{i}]")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi.responses import StreamingResponse
@@ -22,6 +22,21 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def event(data: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def chunk_writer(obj: str, cid: str, created: int, model: str,
+                 include_usage: bool) -> Callable[..., bytes]:
+    """The events of one stream: `write(choices, usage_body=None)`. With include_usage every chunk
+    carries `usage` (null until the final one, as OpenAI sends it)."""
+
+    def write(choices: list[dict[str, Any]], usage_body: dict[str, int] | None = None) -> bytes:
+        data: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": model,
+                                "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            data["usage"] = usage_body
+        return event(data)
+
+    return write
 
 
 async def guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
