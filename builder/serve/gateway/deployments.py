@@ -100,9 +100,7 @@ class Catalog:
     def find(self, model: str) -> Deployment | None:
         """By `name:precision` or by its Triton name."""
         self.refresh(force=False)
-        if model in self._items:
-            return self._items[model]
-        return next((d for d in self._items.values() if model in (d.infer, d.stream)), None)
+        return self._items.get(model) or self.owner(model)
 
     def owner(self, triton_model: str) -> Deployment | None:
         """The deployment an entry point (ensemble, stream model) belongs to, for /v2 requests."""

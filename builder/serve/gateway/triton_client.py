@@ -176,9 +176,6 @@ class TritonClient:
         stats = response.json().get("model_stats", []) if response.status_code == 200 else []
         return {s["name"]: int(s.get("last_inference", 0)) / 1000.0 for s in stats}
 
-    async def input_names(self, model: str) -> set[str]:
-        return {i["name"] for i in (await self.config(model)).get("input", [])}
-
     async def embed(self, model: str, texts: list[str]) -> np.ndarray:
         """FP32 [n, dim] for n texts in one request (binary output: no float printing and parsing)."""
         body = {"inputs": [{"name": "text", "shape": [len(texts), 1], "datatype": "BYTES", "data": texts}],
