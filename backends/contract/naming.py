@@ -106,3 +106,22 @@ class DeploymentName:
 
     def embedding_models(self) -> list[str]:
         return [self.embedding_tokenize, self.embedding_encoder, self.embedding_pooling, self.embedding]
+
+
+# Suffixes of per-precision Triton models, longest first ("-engine-call" before "-engine").
+_ROLE_SUFFIXES = ("-engine-call", "-engine", "-stream", "-encoder")
+
+
+def deployment_of(triton_model: str) -> str | None:
+    """`name:precision` of the deployment a per-precision Triton model belongs to, or None for a
+    model shared by every precision of a name (preprocessing, tokenize, ...): metrics label
+    deployments the way users name them."""
+    base = triton_model
+    for suffix in _ROLE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    name, sep, precision = base.rpartition("-")
+    if not sep or precision not in PRECISIONS or not _NAME.match(name) or name.endswith(("-", ".", "_")):
+        return None
+    return f"{name}:{precision}"

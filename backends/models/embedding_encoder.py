@@ -9,6 +9,7 @@ import triton_python_backend_utils as pb_utils
 from backends import triton_io as io
 from backends.contract.tensors import TOKEN_EMBEDDINGS
 from backends.embedding import OpenVinoEncoder, check_encoder_inputs, encode_batches
+from backends.metrics import ModelMetrics
 
 
 class TritonPythonModel:
@@ -18,6 +19,7 @@ class TritonPythonModel:
         self.encoder = OpenVinoEncoder(engine, params["inference_precision"])
         self.chunk = (int(params["chunk_texts"]), int(params["chunk_tokens"]))
         self.inputs = [t["name"] for t in json.loads(args["model_config"])["input"]]
+        self.metrics = ModelMetrics(args["model_name"])
 
     def _checked(self, r):
         return check_encoder_inputs({name: io.array(r, name) for name in self.inputs})
@@ -26,9 +28,12 @@ class TritonPythonModel:
         responses = [io.guarded("embedding encoder", self._checked, r) for r in requests]
         valid = [i for i, checked in enumerate(responses) if isinstance(checked, dict)]
         if valid:  # one encoder pass for every valid request of this batch
-            outputs = io.guarded("embedding encoder", encode_batches, [responses[i] for i in valid], self.encoder,
-                                 *self.chunk)
+            feeds = [responses[i] for i in valid]
+            outputs = io.guarded("embedding encoder", encode_batches, feeds, self.encoder, *self.chunk)
             for k, i in enumerate(valid):
                 responses[i] = (pb_utils.InferenceResponse([pb_utils.Tensor(TOKEN_EMBEDDINGS, outputs[k])])
                                 if isinstance(outputs, list) else outputs)
+            if isinstance(outputs, list) and self.metrics.on:   # texts and tokens the encoder saw
+                self.metrics.embedded(sum(f["attention_mask"].shape[0] for f in feeds),
+                                      int(sum(f["attention_mask"].sum() for f in feeds)))
         return responses

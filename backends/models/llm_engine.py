@@ -1,6 +1,7 @@
 """CPU engine (decoupled): tensorrtllm's tensor interface over an openvino-genai
 ContinuousBatchingPipeline. `execute` only enqueues; the engine's thread answers."""
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +11,49 @@ from backends import triton_io as io
 from backends.errors import RequestError
 from backends.guided import check_guide, check_penalties
 from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+from backends.metrics import ModelMetrics
 from backends.preprocess import list_to_words
 from backends.sampling import check_sampling
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+KV_REFRESH_SECONDS = 0.5    # the KV cache gauge follows the engine at most this often
 
 
 class TritonPythonModel:
     def initialize(self, args):
         params = io.parameters(args)
         engine_dir = Path(args["model_repository"]) / args["model_version"] / "engine"
+        self.metrics = ModelMetrics(args["model_name"])
+        self._kv_read = 0.0
         self.engine = ContinuousBatchingEngine(engine_dir, int(params["context_size"]),
-                                               int(params["max_batch_size"]))
+                                               int(params["max_batch_size"]),
+                                               on_step=self._on_step if self.metrics.on else None)
+        # the runtime setting in use (backends/cpu_runtime.py): one key=value line tests and operators read
+        pb_utils.Logger.log_info(f"engine {args['model_name']} runtime: " + " ".join(
+            f"{k}={v}" for k, v in self.engine.runtime.as_dict().items() if k != "reason")
+            + f" ({self.engine.runtime.reason})")
+
+    def _on_step(self, running: int, waiting: int) -> None:
+        """Gauges after each engine step (the KV cache read at most every 0.5 s)."""
+        self.metrics.gauge("requests_running", running)
+        self.metrics.gauge("requests_waiting", waiting)
+        now = time.monotonic()
+        if now - self._kv_read >= KV_REFRESH_SECONDS or not running:
+            self._kv_read = now
+            self.metrics.gauge("kv_cache_usage_ratio", round(self.engine.cache_usage(), 4))
+
+    def _observe(self, request: GenerationRequest, reason: str) -> None:
+        """Latency histograms of a finished request, errors by reason (tokens and successes are
+        counted where the client's usage is made: the engine call and stream models)."""
+        if reason in ("stop", "length", "stopped"):   # stopped: by the stream model (a stop string, a client gone)
+            r, now = request, time.monotonic()
+            self.metrics.timed(r.admitted_at - r.received_at if r.admitted_at else None,
+                               r.first_token_at - r.received_at if r.first_token_at else None,
+                               now - r.received_at, r.generated_tokens)
+        elif reason == "error":
+            self.metrics.failed("engine error")
+        elif reason == "cancelled":
+            self.metrics.failed("cancelled")
 
     def _request(self, r) -> GenerationRequest:
         ids = io.array(r, "input_ids").reshape(-1)
@@ -47,6 +79,8 @@ class TritonPythonModel:
         key = r.request_id()
 
         def on_tokens(new_ids, final, reason):
+            if final:
+                self._observe(request, reason)
             if reason == "cancelled":
                 pb_utils.Logger.log_info(f"engine: request {key or '(no id)'} cancelled by the client")
             if reason == "error":
@@ -93,6 +127,7 @@ class TritonPythonModel:
             except RequestError as e:
                 r.get_response_sender().send(io.error_response(str(e)), flags=FINAL)
             except Exception as e:
+                self.metrics.failed("engine error")
                 pb_utils.Logger.log_error(f"engine: {e!r}")
                 r.get_response_sender().send(io.error_response(f"internal error in engine: {e}", internal=True),
                                              flags=FINAL)

@@ -15,6 +15,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
+from backends.metrics import ModelMetrics
+from backends.postprocess import finish_reason
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 OUTPUTS = ["output_ids", "sequence_length"]
@@ -23,6 +25,16 @@ OUTPUTS = ["output_ids", "sequence_length"]
 class TritonPythonModel:
     def initialize(self, args):
         self.engine = io.parameters(args)["engine_model"]
+        self.metrics = ModelMetrics(args["model_name"])
+
+    def _count(self, r, answer) -> None:
+        """Usage as the ensemble's postprocessing reports it: prompt = input_lengths, completion =
+        sequence_length (finish_reason without stop strings, which only the text shows)."""
+        length = int(pb_utils.get_output_tensor_by_name(answer, "sequence_length").as_numpy().reshape(-1)[0])
+        ids = pb_utils.get_output_tensor_by_name(answer, "output_ids").as_numpy().reshape(-1)[:length].tolist()
+        end_id, max_tokens = io.scalar(r, "end_id", int), io.scalar(r, "request_output_len", int) or 0
+        self.metrics.answered(io.scalar(r, "input_lengths", int) or 0, length,
+                              finish_reason(ids, length, end_id if end_id is not None else -1, max_tokens, False))
 
     def _one(self, r):
         inputs = [t for t in r.inputs() if t.name() != "streaming"]
@@ -36,6 +48,8 @@ class TritonPythonModel:
                 answer = response
         if answer is None:
             return io.error_response(f"{self.engine} returned no answer; retry the request")
+        if self.metrics.on:
+            self._count(r, answer)
         return pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(answer, n) for n in OUTPUTS])
 
     def _run(self, r) -> None:

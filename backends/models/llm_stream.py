@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 from backends import triton_io as io
 from backends.contract import tensors as contract
 from backends.errors import RequestError
+from backends.metrics import ModelMetrics
 from backends.postprocess import TextStream
 from backends.preprocess import utf8
 from backends.tokenization import ModelTokenizer
@@ -38,6 +39,7 @@ class TritonPythonModel:
         params = io.parameters(args)
         self.pre, self.engine = params["preprocessing_model"], params["engine_model"]
         self.tok = ModelTokenizer.load(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
+        self.metrics = ModelMetrics(args["model_name"])
 
     def _preprocess(self, r) -> dict:
         inputs = [t for t in r.inputs() if t.name() != "stream"]
@@ -89,6 +91,7 @@ class TritonPythonModel:
                 self._stop_engine(key)
                 ended = "stop string"
         if ended == "cancelled":
+            self.metrics.failed("cancelled")
             # Triton counts the request in flight until its final flag (an unload waits for it): send
             # it even though nobody listens any more.
             try:
@@ -96,7 +99,9 @@ class TritonPythonModel:
             except Exception:
                 pass
             return
-        sender.send(_response(stream.end(), prompt_tokens, notice), flags=FINAL)
+        last = stream.end()
+        sender.send(_response(last, prompt_tokens, notice), flags=FINAL)
+        self.metrics.answered(prompt_tokens, last.completion_tokens, last.finish_reason)
 
     def _run(self, r) -> None:
         sender = r.get_response_sender()
@@ -105,6 +110,7 @@ class TritonPythonModel:
         except RequestError as e:
             sender.send(io.error_response(str(e)), flags=FINAL)
         except Exception as e:
+            self.metrics.failed("engine error")
             pb_utils.Logger.log_error(f"stream: {e!r}")
             try:
                 sender.send(io.error_response(f"internal error in stream: {type(e).__name__}: {e}", internal=True),

@@ -13,6 +13,7 @@ A deployment file (TOML) describes several models and the serving edge:
     context_size = 2048
     max_batch_size = 8
     idle_timeout = 600                        # serving: unloaded after 10 idle minutes (0: never)
+    max_queue = 16                            # serving: requests queued past max_batch_size, then 429
 
     [[models]]
     name = "all-minilm-l6-v2"
@@ -27,15 +28,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from backends.contract.naming import check_name
-from backends.contract.precisions import DEFAULT_PRECISIONS
+from backends.contract.precisions import DEFAULT_PRECISIONS, LLM_ONLY, PRECISIONS
 from backends.contract.precisions import check_precision as _check_precision
 from backends.errors import InvalidArgumentError, SourceError
 
 KINDS = ("llm", "embedding")
 ENGINES = ("auto", "cpu", "tensorrt-llm")
 POOLINGS = ("mean", "cls", "last")
-# LLM: requests batched in flight per engine. Embedding: texts per request (Triton refuses more).
-DEFAULT_MAX_BATCH = {"llm": 8, "embedding": 64}
+# LLM: requests batched in flight per engine (16: the CPU engine's tokens/s still grows from 8 to 16
+# and 32 sequences, docs/cpu-performance.md, and its KV cache grows only as used). Embedding: texts
+# per request (Triton refuses more).
+DEFAULT_MAX_BATCH = {"llm": 16, "embedding": 64}
 
 
 @dataclass
@@ -45,10 +48,11 @@ class DeploymentSpec:
     source: str = "default"                 # path to HF dir / GGUF file, or "default"
     precisions: list[str] = field(default_factory=lambda: list(DEFAULT_PRECISIONS))
     context_size: int | None = None         # None: the model's own position limit (LLM) / max length
-    max_batch_size: int | None = None      # None: 8 requests in flight (llm), 64 texts a request (embedding)
+    max_batch_size: int | None = None      # None: 16 requests in flight (llm), 64 texts a request (embedding)
     engine: str = "auto"                    # resolved to "cpu" or "tensorrt-llm" before building
     pooling: str | None = None              # embedding: override when the checkpoint has no 1_Pooling
     idle_timeout: int | None = None         # serving: seconds idle before unloaded (serve --idle-timeout otherwise)
+    max_queue: int | None = None            # serving: queued past max_batch_size before 429 (serve --max-queue otherwise)
     # TensorRT-LLM only
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -65,6 +69,10 @@ class DeploymentSpec:
         if not self.precisions:
             raise InvalidArgumentError(f"{self.name}: no precision given")
         self.precisions = list(dict.fromkeys(_check_precision(p) for p in self.precisions))
+        if self.kind == "embedding" and (llm_only := [p for p in self.precisions if p in LLM_ONLY]):
+            works = [p for p in PRECISIONS if p not in LLM_ONLY]
+            raise InvalidArgumentError(f"{self.name}: {', '.join(llm_only)} is for LLMs only (embeddings miss its "
+                                       f"accuracy floor): choose from {', '.join(works)} for embeddings")
         if self.context_size is not None and self.context_size < 16:
             raise InvalidArgumentError(f"context size {self.context_size} is too small: use at least 16 tokens")
         if self.max_batch_size is None:
@@ -75,6 +83,8 @@ class DeploymentSpec:
             raise InvalidArgumentError(f"unknown pooling {self.pooling!r}: choose from {', '.join(POOLINGS)}")
         if self.idle_timeout is not None and (not isinstance(self.idle_timeout, int) or self.idle_timeout < 0):
             raise InvalidArgumentError(f"{self.name}: idle_timeout must be whole seconds >= 0 (0: never unloaded)")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
+            raise InvalidArgumentError(f"{self.name}: max_queue must be a whole number of requests >= 0")
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise InvalidArgumentError("tensor and pipeline parallel sizes must be at least 1")
 

@@ -8,7 +8,6 @@ The build pipeline picks a target from the table in builder/build/targets.py, ke
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from builder.build.deployment import DeploymentSpec
 from builder.build.repository import RepositoryWriter
 from builder.build.sources.checkpoint import Checkpoint
 
-Step = Callable[[str], AbstractContextManager]   # step("label"): prints the label, then how long it took
+Step = Callable[[str], AbstractContextManager]   # step("label"): reports a long step (builder/progress.py)
 
 
 @dataclass(frozen=True)
@@ -63,17 +62,3 @@ class EngineTarget(Protocol):
     def format_plan(self, spec: DeploymentSpec, ckpt: Checkpoint, context_size: int, output: Path,
                     cache_dir: Path) -> str: ...
 
-
-class TimedStep:
-    """Prints `label ...` and `label done (N s)` around a long step."""
-
-    def __init__(self, echo: Callable[[str], None], label: str):
-        self.echo, self.label = echo, label
-
-    def __enter__(self):
-        self.t0 = time.monotonic()
-        self.echo(f"  {self.label} ...")
-
-    def __exit__(self, exc_type, *_):
-        if exc_type is None:
-            self.echo(f"  {self.label} done ({time.monotonic() - self.t0:.1f} s)")

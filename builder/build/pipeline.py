@@ -34,12 +34,13 @@ from backends.errors import InvalidArgumentError
 from builder import __version__
 from builder.build import runtime
 from builder.build.deployment import DeploymentSpec
-from builder.build.engine_target import BuildJob, TimedStep
+from builder.build.engine_target import BuildJob
 from builder.build.engines import gpu
 from builder.build.repository import RepositoryWriter
 from builder.build.sources.checkpoint import Checkpoint, resolve, resolve_context_size
 from builder.build.targets import target_for
 from builder.paths import cache_root
+from builder.progress import BuildSteps
 
 GENERATOR = f"serverless-triton {__version__}"
 BUILD_CODE = Path(__file__).resolve().parent              # builder/build: sources, engines, writer, pipeline
@@ -53,6 +54,7 @@ class BuildOptions:
     force: bool = False
     echo: Callable[[str], None] = print
     runtime_source: Path | None = None     # the runtime package to copy in (default: the installed backends/)
+    live_progress: bool | None = None      # rich progress display; None: when stderr is a terminal
 
 
 @dataclass
@@ -142,12 +144,17 @@ def _inputs_digest(spec: DeploymentSpec, precision: str, ckpt: Checkpoint, engin
 def build(specs: list[DeploymentSpec], opts: BuildOptions) -> BuildResult:
     output = Path(opts.output)
     check_output(output)
+    with BuildSteps(opts.echo, opts.live_progress) as steps:
+        return _build(specs, opts, output, steps)
+
+
+def _build(specs: list[DeploymentSpec], opts: BuildOptions, output: Path, steps: BuildSteps) -> BuildResult:
     manifest = read_manifest(output, GENERATOR)
     result = BuildResult(output)
     code = code_digest(opts.runtime_source)
     todo: list[tuple[DeploymentSpec, Checkpoint, str, int, list[tuple[str, str]]]] = []
     for spec in specs:
-        ckpt = resolve(spec.source, spec.kind, opts.cache_dir)
+        ckpt = resolve(spec.source, spec.kind, opts.cache_dir, lambda label, group=spec.name: steps.step(label, group))
         engine = resolve_engine(spec)
         target_for(spec.kind, engine)   # an unknown combination fails before any work
         context = context_size_for(spec, ckpt)
@@ -172,14 +179,15 @@ def build(specs: list[DeploymentSpec], opts: BuildOptions) -> BuildResult:
                 dep = DeploymentName(spec.name, precision)
                 opts.echo(f"{dep}: building the {engine} {'engine' if spec.kind == 'llm' else 'encoder engine'}")
                 job = BuildJob(spec, precision, ckpt, context, writer, Path(opts.cache_dir),
-                               lambda label: TimedStep(opts.echo, label))
+                               lambda label, group=str(dep): steps.step(label, group))
                 manifest.deployments[str(dep)] = _entry(job, target_for(spec.kind, engine), digest)
                 result.built.append(str(dep))
-        shutil.rmtree(staging / ".work", ignore_errors=True)
-        runtime.remove_unused_runtimes(staging, set(manifest.runtimes()))
-        manifest.generator = GENERATOR
-        write_manifest(staging, manifest)
-        _swap_in(staging, output)
+        with steps.step("writing the repository (manifest, then swapped into place)", str(output)):
+            shutil.rmtree(staging / ".work", ignore_errors=True)
+            runtime.remove_unused_runtimes(staging, set(manifest.runtimes()))
+            manifest.generator = GENERATOR
+            write_manifest(staging, manifest)
+            _swap_in(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result

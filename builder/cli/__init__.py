@@ -16,6 +16,8 @@ from builder.cli.deployments import status, unload, wake
 from builder.cli.export import export
 from builder.cli.repo import repo
 from builder.cli.serve import serve
+from builder.cli.top import top
+from builder.cli.tls import tls
 
 
 # auto_envvar_prefix: every option can also come from SERVERLESS_TRITON_<COMMAND>_<OPTION> (e.g.
@@ -32,9 +34,11 @@ main.add_command(serve)
 main.add_command(repo)
 main.add_command(allowed_ips)
 main.add_command(api_keys)
+main.add_command(tls)
 main.add_command(export)
 main.add_command(status)
 main.add_command(wake)
 main.add_command(unload)
+main.add_command(top)
 
 __all__ = ["main", "build_engines"]

@@ -40,7 +40,7 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
               help=f"Comma-separated, from: {', '.join(PRECISIONS)}.")
 @click.option("--context-size", type=int, help="Tokens of prompt + output. Default: the model's position limit.")
 @click.option("--max-batch-size", type=int,
-              help="LLM: requests batched in flight per engine (default 8). Embedding: most texts per "
+              help="LLM: requests batched in flight per engine (default 16). Embedding: most texts per "
                    "request (default 64).")
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: TensorRT-LLM where tensorrt_llm and a GPU are present, else the CPU engine.")

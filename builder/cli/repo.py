@@ -1,4 +1,4 @@
-"""`serverless-triton repo push | pull | refresh`: a model repository in S3-compatible storage.
+"""`serverless-triton repo push | pull | refresh | verify`: a model repository in S3-compatible storage.
 
 Credentials come from boto3's standard chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE,
 instance roles, ...); `--endpoint-url` or AWS_ENDPOINT_URL points it at any S3-compatible store.
@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from backends.contract.manifest import check_runtimes, read_manifest
-from backends.errors import ServeError
+from backends.errors import ServeError, StorageError
 from builder.serve import storage
 
 _endpoint_option = click.option(
@@ -33,6 +33,7 @@ def repo() -> None:
     serverless-triton repo push model_repository s3://models/prod
     serverless-triton repo pull s3://models/prod /srv/models
     serverless-triton repo refresh s3://models/prod /srv/models --server http://127.0.0.1:8000
+    serverless-triton repo verify /srv/models
     """
 
 
@@ -90,3 +91,21 @@ def refresh(url: str, directory: Path, server: str, endpoint_url: str | None, ti
     if report.failed:
         raise ServeError("models failed to load (their previous version keeps serving): "
                          + "; ".join(f"{m}: {r}" for m, r in report.failed.items()))
+
+
+@repo.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_quiet_option
+def verify(directory: Path, quiet: bool) -> None:
+    """Re-hash every file of DIRECTORY against its repository-index.json (or manifest.json).
+
+    Prints one line per file that differs (changed, missing, extra) and exits 1 if any does; the
+    next `repo pull` downloads them again. Reads everything, trusts nothing: pull itself only
+    re-hashes files whose stat changed since it wrote them.
+    """
+    report = storage.verify(directory)
+    for line in report.lines():
+        click.echo(line)
+    if not report.ok:
+        raise StorageError(report.summary())
+    _echo(quiet, report.summary())

@@ -29,6 +29,11 @@ class GatewayProcess:
     idle_timeouts: dict[str, float] = field(default_factory=dict)   # per deployment name
     hold_limit: float = 120.0                         # longest a request waits for a load
     memory_budget: int = 0                            # bytes (0: no budget)
+    max_queue: int | None = None                      # backpressure (None: 2 x max_batch_size)
+    max_queues: dict[str, int] = field(default_factory=dict)        # per deployment name
+    triton_grpc: str = ""                             # Triton's gRPC host:port, behind the relay
+    grpc_port: int = 0                                # the waking gRPC relay's port (0: none)
+    metrics: bool = True                              # False: --no-metrics
     log_path: Path | None = None
     process: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -42,8 +47,16 @@ class GatewayProcess:
                "--port", str(self.port), "--max-body-bytes", str(self.max_body_bytes),
                "--idle-timeout", str(self.idle_timeout), "--hold-limit", str(self.hold_limit),
                "--memory-budget", str(self.memory_budget)]
+        if self.grpc_port:
+            cmd += ["--triton-grpc", self.triton_grpc, "--grpc-port", str(self.grpc_port)]
         for name, seconds in sorted(self.idle_timeouts.items()):
             cmd += ["--idle-timeout-for", f"{name}={seconds}"]
+        if self.max_queue is not None:
+            cmd += ["--max-queue", str(self.max_queue)]
+        for name, queue in sorted(self.max_queues.items()):
+            cmd += ["--max-queue-for", f"{name}={queue}"]
+        if not self.metrics:
+            cmd.append("--no-metrics")
         return cmd + (["--public"] if self.public else [])
 
     def start(self, timeout: float = 30.0) -> "GatewayProcess":

@@ -231,7 +231,7 @@ def serve_environment(layout: Layout, repository: str) -> list[tuple[str, str]]:
     """The `serve` options the container gets as environment variables (click's auto_envvar_prefix)."""
     env = [("REPOSITORY", repository), ("HTTP_PORT", str(HTTP_PORT)), ("GRPC_PORT", str(GRPC_PORT)),
            ("METRICS_PORT", str(METRICS_PORT)), ("PUBLIC_ADDRESSES", "0.0.0.0"), ("STATE_DIR", STATE_DIR),
-           # Triton's metrics on the pod address, for the ServiceMonitor (needs serve --metrics-address).
+           # serve's metrics endpoint on the pod address, for the ServiceMonitor (docs/monitoring.md).
            ("METRICS_ADDRESS", "0.0.0.0")]
     if layout.public:
         env.append(("PUBLIC", "1"))

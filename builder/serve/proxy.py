@@ -36,7 +36,8 @@ from typing import Iterable, Iterator
 
 from backends.errors import InvalidArgumentError, ProxyError
 from builder.paths import cache_root
-from builder.serve.processes import children, stop_process_group
+from builder.serve.processes import children, die_with_parent, stop_process_group
+from builder.serve.tls import TlsPair, check_pair
 from builder.templating import strict_environment
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -120,9 +121,17 @@ class ProxyLayout:
     triton_grpc: str
     public_addresses: tuple[str, ...] = ("0.0.0.0",)
     gateway: str = ""                 # host:port of the OpenAI gateway on loopback ("": none)
+    grpc_relay: str = ""              # host:port of the gateway's waking gRPC relay ("": gRPC goes to Triton)
     keys_required: bool = False       # API keys on /v2 and gRPC (auth_request to the gateway)
     wake_on_request: bool = False     # scale to zero: /v2 calls pass the gateway first, which loads their model
     max_body_bytes: int = 32 << 20    # largest /v1 body: nginx answers 413 itself (the gateway checks too)
+    tls_cert: str = ""                # PEM chain served on both public ports ("": plain HTTP and h2c)
+    tls_key: str = ""
+    metrics: str = ""                 # host:port of serve's Prometheus endpoint (never proxied; `top` reads it)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
 
 
 @dataclass(frozen=True)
@@ -244,11 +253,12 @@ def render_config(state: StateDir, layout: ProxyLayout, rules: AccessRules) -> s
         temp_dir=state.temp_dir,
         listen_addresses=[_listen(a) for a in layout.public_addresses],
         http_port=layout.http_port, grpc_port=layout.grpc_port,
-        triton_http=layout.triton_http, triton_grpc=layout.triton_grpc,
+        triton_http=layout.triton_http, triton_grpc=layout.triton_grpc, grpc_relay=layout.grpc_relay,
         gateway=layout.gateway, keys_required=layout.keys_required and bool(layout.gateway),
         gated=(layout.keys_required or layout.wake_on_request) and bool(layout.gateway),
         max_body_bytes=layout.max_body_bytes,
         allowed_ips=rules.allowed_ips, trusted_proxies=rules.trusted_proxies,
+        tls_cert=layout.tls_cert, tls_key=layout.tls_key,
     )
 
 
@@ -390,6 +400,24 @@ def apply_rules(state: StateDir, rules: AccessRules) -> bool:
         return True
 
 
+def reload_certificates(state: StateDir) -> bool:
+    """Check the certificate files the running proxy names (replaced in place), then reload nginx
+    gracefully so new connections get them; in-flight ones finish on the old. Returns whether a
+    running proxy was reloaded. A bad pair is refused before nginx sees it."""
+    with state.locked():
+        layout = state.read_layout()
+        if not layout.tls_cert:
+            raise ProxyError(f"the serve of {state.path} has no TLS: restart it with --tls-cert/--tls-key "
+                             "or --tls self-signed")
+        check_pair(Path(layout.tls_cert), Path(layout.tls_key))
+        check_config(state, state.conf)
+        master = running_master(state)
+        if master is None:
+            return False
+        reload(state, master)
+        return True
+
+
 @dataclass
 class Proxy:
     """The nginx master for one serve; `stop()` lets in-flight requests finish first."""
@@ -397,6 +425,7 @@ class Proxy:
     state: StateDir
     layout: ProxyLayout
     rules: AccessRules = field(default_factory=AccessRules)
+    tls: TlsPair | None = None        # the checked pair the layout's tls_cert/tls_key name
     process: subprocess.Popen | None = None
     log_offset: int = field(default=0, repr=False)  # error.log size when this start began
     prepared: bool = field(default=False, repr=False)
@@ -426,7 +455,7 @@ class Proxy:
         out = open(self.state.logs / "nginx.out", "ab")
         self.process = subprocess.Popen(_nginx_args(self.state, self.state.conf), stdout=out,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        start_new_session=True, preexec_fn=die_with_parent)
         out.close()
         self._wait_listening(timeout)
         return self

@@ -127,6 +127,7 @@ class TritonServer:
     # ranks above 0 load only `rank_models` and open no endpoint (tensorrt_llm.mpi_world).
     mpi_world_size: int = 1
     rank_models: list[str] = field(default_factory=list)
+    environment: dict[str, str] = field(default_factory=dict)   # added to tritonserver's (and its stubs')
 
     @property
     def http_url(self) -> str:
@@ -173,7 +174,7 @@ class TritonServer:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            self.command(), env=server_environment(), stdout=log, stderr=subprocess.STDOUT,
+            self.command(), env={**server_environment(), **self.environment}, stdout=log, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent,
             cwd=Path(self.repository).resolve(),  # tensorrtllm resolves relative engine paths from here
         )

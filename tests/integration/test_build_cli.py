@@ -130,6 +130,10 @@ def test_build_and_push_then_pull_gives_the_same_repository(tmp_path, tiny_llama
     result = run(str(tiny_llama), "--name", "t", "--precision", "fp32", "--context-size", "256", "-o", str(out),
                  "--cache-dir", str(build_cache), "--push", url, "--endpoint-url", s3_env.endpoint)
     assert result.exit_code == 0, result.output
+    # not a terminal: plain progress lines, no bar redraws (builder/progress.py)
+    assert "  writing the repository (manifest, then swapped into place) done (" in result.output, result.output
+    assert f"push {url}: 0% (" in result.stderr and f"push {url}: 100% (" in result.stderr, result.stderr
+    assert "\r" not in result.output and "\x1b[" not in result.output
     pulled = tmp_path / "pulled"
     storage.pull(url, pulled, endpoint_url=s3_env.endpoint, quiet=True)
     entry = read_manifest(pulled).deployments["t:fp32"]

@@ -202,8 +202,10 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"
 
 def test_guided_decoding_and_penalties_with_the_stock_tensor_names(llm_server):
     """tensorrtllm_backend's own input names reach the engine through the ensemble and the streaming
-    model: a JSON-schema guide is followed, `json` gives an object, penalties change a repeating text."""
-    dep = names("int8")
+    model: a JSON-schema guide is followed, `json` gives an object, penalties change a repeating text.
+    fp32: its greedy text is the same on every host (the quantized precisions' runtime settings are
+    chosen per host, and these prompts' greedy texts with them)."""
+    dep = names("fp32")
     ask = "<|im_start|>user\nInvent a person and give their name and age.<|im_end|>\n<|im_start|>assistant\n"
     guided = {"text_input": ask, "max_tokens": 200, "guided_decoding_guide_type": "json_schema",
               "guided_decoding_guide": json.dumps(PERSON)}
@@ -212,7 +214,7 @@ def test_guided_decoding_and_penalties_with_the_stock_tensor_names(llm_server):
     assert isinstance(value["name"], str) and type(value["age"]) is int and out["finish_reason"] == "stop"
     chunks = grpc_stream(llm_server.grpc_url, dep.llm_stream, **guided)
     assert "".join(c["text_output"] for c in chunks) == out["text_output"]
-    book = json.dumps([{"role": "user", "content": "Create a JSON record for a book."}])   # the chat template
+    book = json.dumps([{"role": "user", "content": "Return JSON with a city and its country."}])   # chat template
     r = generate(llm_server.http_url, dep.llm, {"messages": book, "max_tokens": 300,
                                                  "guided_decoding_guide_type": "json"})
     assert r.status_code == 200 and isinstance(json.loads(r.json()["text_output"]), dict), r.text
@@ -260,7 +262,10 @@ def test_unknown_model_is_a_clear_error(llm_server):
     assert r.status_code in (400, 404)
 
 
-def test_client_disconnect_mid_stream_cancels_and_model_stays_ready(llm_server):
+def test_client_disconnect_mid_stream_leaves_the_model_ready(llm_server):
+    """That the engine then stops generating is asserted on its own state (its CPU time and
+    requests_running), per protocol, in tests/integration/test_reliability.py: a log line proved
+    nothing (logged before the engine stopped, and for stop words too)."""
     dep = names("int8")
     chunks = grpc_stream(llm_server.grpc_url, dep.llm_stream, max_chunks=3, text_input="Count to one thousand:",
                          max_tokens=1500)
@@ -269,11 +274,6 @@ def test_client_disconnect_mid_stream_cancels_and_model_stays_ready(llm_server):
                  stream=True)
     next(r.iter_lines())
     r.close()  # HTTP client gone mid-stream
-    deadline = time.monotonic() + 60
-    log = llm_server.log_path
-    while time.monotonic() < deadline and "cancelled by the client" not in log.read_text(errors="replace"):
-        time.sleep(0.5)
-    assert "cancelled by the client" in log.read_text(errors="replace")
     assert_healthy(llm_server)
 
 

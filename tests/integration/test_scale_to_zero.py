@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 from conftest import TINY_NAME
+from tritonclient.utils import InferenceServerException
 
 from backends.errors import InvalidArgumentError
 from builder.serve.control import act
+from tests.support.llm_client import grpc_infer, grpc_stream
 from tests.support.serve import CLI, Serve
 
 pytestmark = pytest.mark.slow
@@ -116,3 +120,50 @@ def test_an_unload_never_cuts_a_request_in_flight(deployment):
     reasons = [c.choices[0].finish_reason for c in [first, *rest] if c.choices and c.choices[0].finish_reason]
     assert reasons == ["length"] and rest[-1].usage.completion_tokens == 200
     assert states(deployment)[MODEL]["state"] == "loaded"
+
+
+def test_grpc_calls_wake_it_unary_and_streamed(deployment, tiny_repository):
+    """gRPC through nginx: the gateway's relay wakes the deployment a call names (one cold start
+    each time), then Triton answers as if it had always been loaded."""
+    grpc = f"127.0.0.1:{deployment.grpc}"
+    for call in (lambda: grpc_infer(grpc, TRITON_MODEL, text_input="Hello", max_tokens=4)["text_output"],
+                 lambda: "".join(c["text_output"] for c in grpc_stream(grpc, f"{TRITON_MODEL}-stream",
+                                                                       text_input="Hello", max_tokens=4))):
+        act(deployment.state, MODEL, "unload")
+        assert not stubs_of(tiny_repository, f"{TRITON_MODEL}-engine")
+        before = states(deployment)[MODEL]["cold_starts"]
+        assert call() == http_infer_text(deployment)
+        assert states(deployment)[MODEL]["cold_starts"] == before + 1
+
+
+def http_infer_text(dep: Serve) -> str:
+    return dep.generate(TRITON_MODEL, None, text_input="Hello", max_tokens=4).json()["text_output"]
+
+
+def test_a_failed_load_answers_503_and_unavailable_then_backs_off(tiny_repository, tmp_path):
+    """A deployment whose engine cannot load: /v1 gets 503 with the reason and Retry-After, /v2 503,
+    gRPC UNAVAILABLE naming the deployment (never Triton's bare "unknown model"), and the back-off
+    answers at once instead of retrying the load."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repository, repo, symlinks=True)
+    (tmp_path / "serve").mkdir()
+    dep = Serve(repo, tmp_path / "serve", "--public", "--idle-timeout", "0")
+    try:
+        act(dep.state, MODEL, "unload")
+        for xml in (repo / f"{TRITON_MODEL}-engine").rglob("*.xml"):
+            xml.write_text("<not an openvino model")
+        client = dep.openai("unused")
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert refused.value.status_code == 503 and int(refused.value.response.headers["retry-after"]) >= 1
+        assert "could not be loaded" in refused.value.message or "load" in refused.value.message
+        assert states(dep)[MODEL]["state"] == "failed"
+        start = time.monotonic()
+        assert dep.generate(TRITON_MODEL, None).status_code == 503
+        with pytest.raises(InferenceServerException) as unavailable:
+            grpc_infer(f"127.0.0.1:{dep.grpc}", TRITON_MODEL, text_input="Hello", max_tokens=4)
+        assert time.monotonic() - start < 2, "backing off: answered at once, not after another load"
+        assert unavailable.value.status() == "StatusCode.UNAVAILABLE"
+        assert MODEL in unavailable.value.message() and "retry in" in unavailable.value.message()
+    finally:
+        dep.stop()

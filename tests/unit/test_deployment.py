@@ -54,7 +54,7 @@ precisions = ["int8"]
     ("[serving]\nallowed_ips = []\n", "no \\[\\[models\\]\\]"),
     ("[[models]]\nname = 'a'\n[[models]]\nname = 'a'\n", "appears twice"),
     ("[[models]]\nname = 'a'\nkind = 'vision'\n", "unknown kind"),
-    ("[[models]]\nname = 'a'\nprecisions = ['int4']\n", "unknown precision"),
+    ("[[models]]\nname = 'a'\nprecisions = ['int3']\n", "unknown precision"),
     ("[[models]\nname = 'a'\n", "not valid TOML"),
     ("[[models]]\nname = 'a'\nmax_batch_size = 0\n", "max batch size"),
 ])

@@ -32,6 +32,7 @@ class Collector:
         self.done = threading.Event()
         self.reason = ""
         self.finished_at = 0.0
+        self.request: GenerationRequest | None = None
 
     def __call__(self, ids, final, reason):
         self.chunks.append(list(ids))
@@ -53,7 +54,8 @@ def wait_tokens(c: Collector, n: int, timeout: float = 60) -> None:
 
 def submit(engine, ids, n, **kw) -> Collector:
     c = Collector()
-    engine.submit(GenerationRequest(ids, n, kw.pop("end_id", EOS), Sampling(), c, **kw))
+    c.request = GenerationRequest(ids, n, kw.pop("end_id", EOS), Sampling(), c, **kw)
+    engine.submit(c.request)
     return c
 
 
@@ -78,13 +80,20 @@ def test_stop_by_key_and_client_cancellation(engine):
     stopped = submit(engine, [1, 2, 3], 200, streaming=True, end_id=-1, key="req-1")
     wait_tokens(stopped, 3)
     engine.stop("req-1")
-    assert stopped.done.wait(30) and stopped.reason == "cancelled" and len(stopped.ids) < 200
+    assert stopped.done.wait(30) and stopped.reason == "stopped" and len(stopped.ids) < 200
     gone = threading.Event()
     cancelled = submit(engine, [1, 2, 3], 200, streaming=True, end_id=-1, is_cancelled=gone.is_set)
     wait_tokens(cancelled, 3)
     gone.set()
     assert cancelled.done.wait(30) and cancelled.reason == "cancelled"
     assert engine.live_requests == 0
+
+
+def test_timestamps_for_metrics(engine):
+    done = submit(engine, [4, 5, 6], 6, end_id=-1)
+    assert done.done.wait(60)
+    r = done.request
+    assert 0 < r.received_at <= r.admitted_at <= r.first_token_at and r.generated_tokens == 6
 
 
 def test_multi_token_stop_sequence_ends_generation(engine):

@@ -5,6 +5,7 @@ No object store here; tests/test_storage.py covers the real transfers.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -120,6 +121,21 @@ def test_malformed_index_entries_are_refused(entry):
         RepositoryIndex.from_json(_index([entry]), source="the index")
 
 
+def test_a_staged_entry_names_its_own_blob_and_nothing_else():
+    staged = RepositoryIndex.from_json(_index([{"path": "m/1/x", "size": 1, "sha256": SHA,
+                                                "key": f".blobs/{SHA}"}]), source="t")
+    assert staged.files["m/1/x"].object == f".blobs/{SHA}"
+    assert RepositoryIndex.from_json(staged.to_json(), source="t").files == staged.files
+    for key in ("../../elsewhere", f".blobs/{'b' * 64}", "m/1/x"):
+        with pytest.raises(StorageError, match="is not its blob"):
+            RepositoryIndex.from_json(_index([{"path": "m/1/x", "size": 1, "sha256": SHA, "key": key}]), source="t")
+
+
+def test_the_blob_folder_is_reserved():
+    with pytest.raises(StorageError, match="'.blobs' at the top is where pushes stage new content"):
+        RepositoryIndex.from_json(_index([{"path": ".blobs/x", "size": 1, "sha256": SHA}]), source="t")
+
+
 @pytest.mark.parametrize("data, problem", [
     (b"{not json", "not valid JSON"),
     (json.dumps({"schema_version": 99, "files": []}).encode(), "schema version 99"),
@@ -175,10 +191,22 @@ def _two_dirs(tmp_path):
     return a, b
 
 
-def test_exchange_swaps_two_directories(tmp_path):
+def test_exchange_swaps_two_directories_with_one_renameat2(tmp_path):
+    """On Linux (this test's platform) the kernel call itself succeeds, and exchange says it used it."""
     a, b = _two_dirs(tmp_path)
-    storage.exchange(a, b)
-    assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
+    ino_a, ino_b = a.stat().st_ino, b.stat().st_ino
+    assert storage.pulling._renameat2_exchange(a, b) == 0           # the syscall, not a fallback
+    assert a.stat().st_ino == ino_b and b.stat().st_ino == ino_a
+    assert storage.exchange(a, b) == storage.SWAP_EXCHANGE
+    assert (a / "f").read_text() == "A" and (b / "f").read_text() == "B"
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+def test_renameat2_errors_are_reported_not_hidden(tmp_path):
+    a, _ = _two_dirs(tmp_path)
+    assert storage.pulling._renameat2_exchange(a, tmp_path / "missing") == errno.ENOENT
+    with pytest.raises(FileNotFoundError):
+        storage.exchange(a, tmp_path / "missing")
 
 
 def test_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
@@ -188,7 +216,7 @@ def test_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage.pulling.ctypes, "CDLL", NoRenameat2)
     a, b = _two_dirs(tmp_path)
-    storage.exchange(a, b)
+    assert storage.exchange(a, b) == storage.SWAP_RENAMES
     assert (a / "f").read_text() == "B" and (b / "f").read_text() == "A"
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 

@@ -48,6 +48,7 @@ CASES = [
     ("fp16", {}),
     ("int8", {}),
     ("int8", {"int8_kv_cache": True}),
+    ("int4", {}),
     ("fp8", {}),
     ("fp8", {"tensor_parallel": 2, "pipeline_parallel": 2, "max_num_tokens": 512}),
     ("fp16", {"tensor_parallel": 2, "context_size": None}),
@@ -245,6 +246,12 @@ def test_precision_mapping_follows_the_precision_table():
     assert trt.quantization_for(spec, "fp16") == trt.Quantization("fp16", "float16", None, None)
     assert trt.quantization_for(spec, "int8") == trt.Quantization("int8", "float16", "W8A16", None)
     assert trt.quantization_for(spec, "fp8") == trt.Quantization("fp8", "float16", "FP8", "FP8")
+    assert trt.quantization_for(spec, "int4") == trt.Quantization("int4", "float16", "W4A16", None)
+    assert not trt.quantization_for(spec, "int4").needs_calibration      # W4A16: weight-only, per channel
+    # the contract: W4A16 is a QuantAlgo, needs no calibration, and ModelOpt calls it int4_wo
+    assert "W4A16" in CONTRACT["quant_algo"]["values"]
+    assert "W4A16" in CONTRACT["modelopt_mapping"]["requires_calibration"].split(" - ")[1].split("}")[0]
+    assert trt._MODELOPT_QFORMAT["W4A16"] == CONTRACT["modelopt_mapping"]["qformat"]["W4A16"] == "int4_wo"
     assert trt.quantization_for(spec_for(int8_kv_cache=True), "int8").kv_cache_quant_algo == "INT8"
     assert not trt.quantization_for(spec, "int8").needs_calibration      # weight-only: no calibration
     assert trt.quantization_for(spec, "fp8").needs_calibration
@@ -295,7 +302,7 @@ def test_old_gpus_and_cpu_precisions_are_refused():
             trt.check_precision_supported(p, T4)
     with pytest.raises(BuildError, match="fp16, int8, fp8"):
         trt.check_precision_supported("fp32", H100)
-    assert trt.supported_precisions(T4) == [] and trt.supported_precisions(A100) == ["fp16", "int8"]
+    assert trt.supported_precisions(T4) == [] and trt.supported_precisions(A100) == ["fp16", "int8", "int4"]
     with pytest.raises(BuildError, match="--precision fp16,int8"):
         enc.check_precision_supported("fp8", T4)
 
@@ -698,7 +705,7 @@ def test_gpu_check_dry_run(llama_dir):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/gpu_check.py"), "--dry-run", "--hf-dir", str(llama_dir)],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("trtllm-build --checkpoint_dir") == 3
+    assert out.stdout.count("trtllm-build --checkpoint_dir") == len(trt.GPU_PRECISIONS) == 4
 
 
 # -- embeddings: the TensorRT encoder in a repository (fake GPU host) ------------------------

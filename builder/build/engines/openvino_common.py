@@ -13,7 +13,7 @@ from pathlib import Path
 from backends.contract.naming import DeploymentName
 from backends.contract.precisions import PRECISIONS
 from backends.errors import BuildError
-from builder.build.engines import openvino_grouped_int8
+from builder.build.engines import openvino_grouped_int8, openvino_int4
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
@@ -86,6 +86,8 @@ def derive(reference: Path, precision: str, out_dir: Path, int8_group_size: int 
         model = openvino_grouped_int8.compress(model, int8_group_size)
     elif precision == "int8":
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    elif precision == "int4":
+        model = openvino_int4.compress(model, reference)
     else:  # fp8 per output channel: nncf's default groups of 128 fail on layers narrower than that
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.FP8_E4M3, group_size=-1, ratio=1.0)
     ov.save_model(model, out_dir / MODEL_XML, compress_to_fp16=False)

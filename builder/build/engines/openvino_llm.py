@@ -3,7 +3,9 @@
 The fp32 IR (optimum-intel's export, stateful, with OpenVINO tokenizers) is the reference; the
 other precisions are derived from it, so torch runs once per checkpoint:
 fp16 weights (compress_to_fp16), int8 weight-only (nncf INT8_ASYM, per channel, no calibration),
-fp8 e4m3 weights (nncf FP8_E4M3). All compute at f32 at run time.
+fp8 e4m3 weights (nncf FP8_E4M3), grouped int4 weights (openvino_int4: nncf INT4_ASYM with AWQ
+and scale estimation). fp32 computes at f32; the others at the runtime setting measured per ISA
+class (openvino_runtime).
 
 As an engine target (builder/build/engine_target.py): the precision's engine with its accuracy
 figure against the fp32 reference (refused below the precision's floor), then the Triton models.
@@ -20,8 +22,10 @@ from backends.llm_engine import kv_cache_gib
 from backends.tokenization import ModelTokenizer
 from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
+from builder.build.engines import openvino_memory, openvino_runtime
 from builder.build.engines.openvino_common import (
     MODEL_XML,
+    PYTHON_MODEL_BYTES,
     cached_export,
     cpu_plan,
     derive,
@@ -30,6 +34,7 @@ from builder.build.engines.openvino_common import (
     memory_estimate,
     quantization_of,
 )
+from builder.build.engines.openvino_runtime import agreement
 from builder.build.sources.checkpoint import Checkpoint
 
 # A fixed, varied text for the teacher-forced accuracy figure (prose, numbers, code, dialogue).
@@ -72,13 +77,6 @@ def teacher_forced_logits(engine_dir: Path, ids: list[int]) -> np.ndarray:
     return request.get_tensor("logits").data[0].copy()
 
 
-def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Top-1 agreement and mean cosine of two [positions, vocab] logit arrays."""
-    top1 = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
-    cos = (reference * candidate).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1))
-    return {"top1_agreement": round(top1, 6), "mean_logit_cosine": round(float(cos.mean()), 6)}
-
-
 def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
     """The floor this precision must meet; raises BuildError (engine not published) below it."""
     p = PRECISIONS[precision]
@@ -86,7 +84,10 @@ def check_floor(precision: str, figures: dict[str, float]) -> dict[str, float]:
                          {"top1_agreement": p.llm_min_top1, "mean_logit_cosine": p.llm_min_cosine})
 
 
-def engine_info(precision: str, context_size: int, max_batch_size: int, engine_dir: Path | None = None) -> dict:
+def engine_info(precision: str, context_size: int, max_batch_size: int, engine_dir: Path | None = None,
+                runtime: dict | None = None, memory: dict | None = None) -> dict:
+    """The manifest's engine entry. `runtime`: the per-ISA settings table (openvino_runtime);
+    `memory`: the engine's measured RSS (openvino_memory), else memory_bytes is an estimate."""
     import openvino as ov
     import openvino_genai as og
 
@@ -95,12 +96,16 @@ def engine_info(precision: str, context_size: int, max_batch_size: int, engine_d
         "format": "openvino-ir",
         "version": f"openvino {ov.__version__.split('-')[0]}, openvino-genai {og.__version__.split('-')[0]}",
         "quantization": quantization_of(precision),
-        "compute": "f32",
+        "compute": "per host (runtime)" if runtime and runtime["classes"] else "f32",
+        **({"runtime": openvino_runtime.summary(runtime)} if runtime else {}),
         "context_size": context_size,
         "max_batch_size": max_batch_size,
         **({"memory_bytes": memory_estimate(engine_dir, LLM_PYTHON_MODELS,
                                             kv_cache_gib(engine_dir, context_size, max_batch_size) << 30)}
-           if engine_dir is not None else {}),
+           if engine_dir is not None and memory is None else {}),
+        # measured: the engine's stub; estimated: the four other Python models' stubs
+        **({"memory_bytes": memory["after_load_test_bytes"] + (LLM_PYTHON_MODELS - 1) * PYTHON_MODEL_BYTES,
+            "memory": memory} if memory is not None else {}),
     }
 
 
@@ -137,9 +142,14 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
     with job.step("measuring accuracy against fp32"):
         ids = ModelTokenizer.load(job.ckpt.hf_dir).encode(ACCURACY_TEXT)
         accuracy = measure_accuracy(reference, work, ids, job.precision)
+    with job.step("choosing runtime settings per CPU class (each measured against fp32)"):
+        runtime = openvino_runtime.measure_settings(reference, work, ids, job.precision)
+        openvino_runtime.write_settings(work, runtime)
     models.append(w.write_llm_cpu_engine(dep, work, job.context_size, spec.max_batch_size))
     models += w.write_llm_front(dep, job.ckpt.hf_dir, spec.max_batch_size)
-    info = engine_info(job.precision, job.context_size, spec.max_batch_size, model_dir_engine(job))
+    with job.step(f"measuring the engine's memory ({openvino_memory.LOAD_TEST_CLIENTS} concurrent requests)"):
+        memory = openvino_memory.measure(model_dir_engine(job), job.context_size, spec.max_batch_size)
+    info = engine_info(job.precision, job.context_size, spec.max_batch_size, model_dir_engine(job), runtime, memory)
     return BuiltDeployment(models, {"infer": dep.llm, "stream": dep.llm_stream}, info, accuracy)
 
 

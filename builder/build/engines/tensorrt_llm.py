@@ -3,8 +3,8 @@
 TensorRT-LLM dropped its TensorRT engine backend after 1.2.x, so engines are built with 1.2.x
 (see docker/Dockerfile.gpu) in three documented steps per precision:
 
-1. checkpoint: `LLaMAForCausalLM.from_hugging_face(...).save_checkpoint(...)` (fp16; int8 weight-only
-   needs no calibration) or `tensorrt_llm.quantization.quantize_and_export(...)` (ModelOpt
+1. checkpoint: `LLaMAForCausalLM.from_hugging_face(...).save_checkpoint(...)` (fp16; int8 and int4
+   weight-only, W8A16 / W4A16, need no calibration) or `tensorrt_llm.quantization.quantize_and_export(...)` (ModelOpt
    calibration: fp8 weights + fp8 KV cache, or int8 weight-only + int8 KV cache);
 2. `trtllm-build` with the deployment's context size and batch limits;
 3. a `tensorrtllm` model config rendered from model_repository/tensorrt_llm/config.pbtxt.j2, with
@@ -43,10 +43,10 @@ ENGINE_FORMAT = "tensorrt-llm-engine"
 
 # HF architectures whose TensorRT-LLM model class is LLaMAForCausalLM (tensorrt_llm.models.MODEL_MAP).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
-GPU_PRECISIONS = ("fp16", "int8", "fp8")
+GPU_PRECISIONS = ("fp16", "int8", "fp8", "int4")
 
 # QuantConfig._get_modelopt_qformat / _get_modelopt_kv_cache_dtype in TensorRT-LLM 1.2.
-_MODELOPT_QFORMAT = {None: "full_prec", "W8A16": "int8_wo", "FP8": "fp8"}
+_MODELOPT_QFORMAT = {None: "full_prec", "W8A16": "int8_wo", "W4A16": "int4_wo", "FP8": "fp8"}
 _MODELOPT_KV_DTYPE = {None: None, "INT8": "int8", "FP8": "fp8"}
 
 XGRAMMAR_TOKENIZER_INFO = "xgrammar_tokenizer_info.json"   # beside the engine, in the model's version dir
@@ -223,7 +223,7 @@ class Quantization:
 
     def describe(self) -> str:
         weights = {None: "fp16 weights", "W8A16": "int8 weight-only (W8A16, per channel)",
-                   "FP8": "FP8 weights"}[self.quant_algo]
+                   "W4A16": "int4 weight-only (W4A16, per channel)", "FP8": "FP8 weights"}[self.quant_algo]
         kv = f", {self.kv_cache_quant_algo} KV cache" if self.kv_cache_quant_algo else ""
         return f"dtype {self.dtype}, {weights}{kv}"
 

@@ -13,6 +13,8 @@ import importlib.util
 import json
 import os
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,8 +147,10 @@ def _sanitized_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def resolve(source: str, kind: str, cache_dir: Path) -> Checkpoint:
-    """Turn `source` into a Checkpoint; GGUF files are converted once into the cache."""
+def resolve(source: str, kind: str, cache_dir: Path,
+            step: Callable[[str], AbstractContextManager] = lambda _label: nullcontext()) -> Checkpoint:
+    """Turn `source` into a Checkpoint; GGUF files are converted once into the cache (inside
+    `step`, which reports a long step: see builder/progress.py)."""
     if source == "default":
         path = default_llm_gguf() if kind == "llm" else default_embedding_dir()
     else:
@@ -169,7 +173,8 @@ def resolve(source: str, kind: str, cache_dir: Path) -> Checkpoint:
         if not (out / "config.json").exists():
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
-            convert_gguf(path, tmp)
+            with step(f"converting {path.name} to a Hugging Face checkpoint"):
+                convert_gguf(path, tmp)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
         return Checkpoint(out, digest, str(path), check_hf_dir(out, kind))

@@ -23,10 +23,13 @@ from builder.serve.gateway.auth import KeyGuard
 from builder.serve.gateway.config import GatewayConfig
 from builder.serve.gateway.deployments import Catalog
 from builder.serve.gateway.errors import ApiError, install_handlers
-from builder.serve.gateway.lifecycle import Lifecycle, Tracked
+from builder.serve.gateway.grpc_front import GrpcFront
+from builder.serve.gateway.lifecycle import LOADED, Lifecycle, Tracked
 from builder.serve.gateway.limits import BodyLimit
 from builder.serve.gateway.memory import stub_rss_bytes
+from builder.serve.gateway.metrics import CountRequests, GatewayMetrics
 from builder.serve.gateway.state import Gateway
+from builder.serve.gateway.stubs import dead_stubs
 from builder.serve.gateway.tokens import TokenCounters
 from builder.serve.gateway.triton_client import TritonClient
 from builder.serve.gateway.waking import WakingTriton
@@ -49,7 +52,8 @@ def status_of(d: Tracked) -> dict:
     return {"model": d.id, "state": d.state, "last_request": d.last_request or None, "in_flight": d.in_flight,
             "idle_timeout": d.idle_timeout, "cold_starts": d.cold_starts, "last_cold_start_s": d.last_cold_start_s,
             "load_seconds": d.load_seconds,
-            "memory_bytes": d.memory_bytes or None, "failure": d.failure or None}
+            "memory_bytes": d.memory_bytes or None, "failure": d.failure or None,
+            "max_in_flight": d.max_in_flight or None, "overloaded": d.overloaded, "stub_restarts": d.stub_restarts}
 USAGE_FLUSH_SECONDS = 5.0
 
 
@@ -66,9 +70,14 @@ def build_gateway(config: GatewayConfig, transport: httpx.AsyncBaseTransport | N
     client = TritonClient(config.triton_base_url, config.request_timeout, config.max_connections, transport)
     catalog = Catalog(config.repository)
     lifecycle = Lifecycle(client, config.hold_limit, memory_budget=config.memory_budget,
-                          measure=lambda d: stub_rss_bytes(config.repository, d.models))
-    triton = WakingTriton(client, lifecycle, catalog, config.idle_timeout, config.idle_timeouts)
-    return Gateway(config, catalog, triton, guard, TokenCounters(config.repository))
+                          measure=lambda d: stub_rss_bytes(config.repository, d.models),
+                          dead_stubs=lambda models: dead_stubs(config.repository, models))
+    triton = WakingTriton(client, lifecycle, catalog, config.idle_timeout, config.idle_timeouts,
+                          config.max_queue, config.max_queues)
+    metrics = GatewayMetrics(lambda: {d.id: d.state == LOADED for d in lifecycle.deployments.values()},
+                             on=config.metrics)
+    lifecycle.on_cold_start = metrics.cold_start
+    return Gateway(config, catalog, triton, guard, TokenCounters(config.repository), metrics)
 
 
 def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None = None) -> FastAPI:
@@ -81,10 +90,15 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
         gw.triton.refresh()
         with contextlib.suppress(Exception):    # Triton not reachable yet: learned at the first request
             await gw.lifecycle.sync()
-        sweeper = asyncio.create_task(gw.lifecycle.run()) if config.idle_timeout or config.idle_timeouts else None
+        sweeper = asyncio.create_task(gw.lifecycle.run())   # idle unloads, dead stubs, a restarted Triton
+        relay = GrpcFront(config.triton_grpc, gw.triton.hold) if config.grpc_port else None
+        if relay:
+            await relay.start(config.grpc_port)
         try:
             yield
         finally:
+            if relay:
+                await relay.stop()
             for task in (flusher, sweeper):
                 if task:
                     task.cancel()
@@ -137,9 +151,24 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
             raise ApiError(404, f"unknown action {action!r}: wake or unload", code="not_found")
         return JSONResponse(status_of(gw.lifecycle.deployments[dep.id]))
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """The gateway's series (loopback only: serve's metrics endpoint merges them with Triton's)."""
+        return Response(gw.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/ready", include_in_schema=False)
+    async def ready() -> Response:
+        """nginx's readiness check beside Triton's own (loopback only): 503 naming the deployments
+        whose stub died and is not reloaded yet."""
+        unready = gw.lifecycle.unready()
+        if unready:
+            return JSONResponse({"ready": False, "reloading": unready}, status_code=503)
+        return Response(status_code=204)
+
     @app.get("/health", include_in_schema=False)
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "deployments": len(gw.catalog.all())})
 
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(CountRequests, metrics=gw.metrics)     # outermost: counts the body limit's 413s too
     return app

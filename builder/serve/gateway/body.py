@@ -10,6 +10,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from builder.serve.gateway.errors import bad_request, from_validation, malformed_json
+from builder.serve.gateway.metrics import note_deployment
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -27,6 +28,7 @@ async def parse(request: Request, model: type[M]) -> M:
                              else str(e)) from None
     if not isinstance(data, dict):
         raise bad_request("the request body must be a JSON object", code="invalid_json")
+    note_deployment(request, data.get("model"))
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,6 +13,7 @@ from builder.serve.gateway.body import parse
 from builder.serve.gateway.deployments import Deployment
 from builder.serve.gateway.generation import Plan, all_of, generate, open_streams, pieces
 from builder.serve.gateway.messages import normalize_messages
+from builder.serve.gateway.metrics import usage_recorder
 from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
 from builder.serve.gateway.schemas import ChatCompletionRequest
@@ -35,15 +36,17 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse(request, ChatCompletionRequest)
     refuse_unsupported(req)
     dep = gw.catalog.resolve(req.model, "llm")
+    record = usage_recorder(request, gw.metrics, dep.id)
     plans = plans_for(req, dep, gw.config.default_max_tokens)
     if req.stream:
         opened = await open_streams(gw.triton, plans)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return streaming_response(_stream(opened, plans, dep, include_usage))
+        return streaming_response(_stream(opened, plans, dep, include_usage, record))
     results = await all_of(generate(gw.triton, p) for p in plans)
     usage = Usage()
     for i, r in enumerate(results):
         usage.add(0, i, r)
+    record(usage.body())
     return JSONResponse({
         "id": new_id("chatcmpl"), "object": "chat.completion", "created": now(), "model": dep.id,
         "system_fingerprint": None,
@@ -54,7 +57,7 @@ async def chat_completions(request: Request, gw: GatewayDep) -> Response:
 
 
 async def _stream(opened: list[tuple[TritonStream, dict[str, Any] | None]], plans: list[Plan], dep: Deployment,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+                  include_usage: bool, record: Callable[[dict[str, Any]], None]) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: the role first, then text, finish_reason once, usage, [DONE]."""
     usage = Usage()
     chunk = chunk_writer("chat.completion.chunk", new_id("chatcmpl"), now(), dep.id, include_usage)
@@ -66,6 +69,7 @@ async def _stream(opened: list[tuple[TritonStream, dict[str, Any] | None]], plan
         yield chunk([choice(i, {"role": "assistant", "content": ""})])
     async for index, text, reason in pieces(opened, plans, usage):
         yield chunk([choice(index, {"content": text} if text else {}, reason)])
+    record(usage.body())
     if include_usage:
         yield chunk([], usage.body())
     yield DONE

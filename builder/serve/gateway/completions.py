@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from builder.serve.gateway.body import parse, text_list
 from builder.serve.gateway.deployments import Deployment
 from builder.serve.gateway.generation import Plan, all_of, generate, open_streams, pieces
+from builder.serve.gateway.metrics import usage_recorder
 from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
 from builder.serve.gateway.schemas import CompletionRequest
@@ -42,17 +43,19 @@ async def completions(request: Request, gw: GatewayDep) -> Response:
     req = await parse(request, CompletionRequest)
     refuse_unsupported(req)
     dep = gw.catalog.resolve(req.model, "llm")
+    record = usage_recorder(request, gw.metrics, dep.id)
     prompts = prompts_of(req.prompt)
     plans = plans_for(req, dep, prompts)
     echoes = [prompts[p.prompt_index] if req.echo else "" for p in plans]
     if req.stream:
         opened = await open_streams(gw.triton, plans)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return streaming_response(_stream(opened, plans, dep, echoes, include_usage))
+        return streaming_response(_stream(opened, plans, dep, echoes, include_usage, record))
     results = await all_of(generate(gw.triton, p) for p in plans)
     usage = Usage()
     for i, (p, r) in enumerate(zip(plans, results)):
         usage.add(p.prompt_index, i, r)
+    record(usage.body())
     return JSONResponse({
         "id": new_id("cmpl"), "object": "text_completion", "created": now(), "model": dep.id,
         "system_fingerprint": None,
@@ -63,7 +66,8 @@ async def completions(request: Request, gw: GatewayDep) -> Response:
 
 
 async def _stream(opened: list[tuple[TritonStream, dict[str, Any] | None]], plans: list[Plan], dep: Deployment,
-                  echoes: list[str], include_usage: bool) -> AsyncIterator[bytes]:
+                  echoes: list[str], include_usage: bool,
+                  record: Callable[[dict[str, Any]], None]) -> AsyncIterator[bytes]:
     """text_completion events: the echoed prompt first (if asked), text, finish_reason once, usage, [DONE]."""
     usage = Usage()
     chunk = chunk_writer("text_completion", new_id("cmpl"), now(), dep.id, include_usage)
@@ -73,6 +77,7 @@ async def _stream(opened: list[tuple[TritonStream, dict[str, Any] | None]], plan
             yield chunk([{"index": i, "text": echo, "logprobs": None, "finish_reason": None}])
     async for index, text, reason in pieces(opened, plans, usage):
         yield chunk([{"index": index, "text": text, "logprobs": None, "finish_reason": reason}])
+    record(usage.body())
     if include_usage:
         yield chunk([], usage.body())
     yield DONE

@@ -25,6 +25,11 @@ class GatewayConfig:
     idle_timeouts: dict[str, float] = field(default_factory=dict)   # by deployment name (or name:precision)
     hold_limit: float = 120.0               # longest a request waits for its deployment to load (then 503)
     memory_budget: int = 0                  # bytes the loaded deployments may hold (0: no budget)
+    max_queue: int | None = None            # backpressure: requests queued past max_batch_size (None: 2x it)
+    max_queues: dict[str, int] = field(default_factory=dict)       # by deployment name (or name:precision)
+    metrics: bool = True                    # False: no gateway series (serve --no-metrics)
+    triton_grpc: str = ""                    # Triton's gRPC host:port, for the waking gRPC relay
+    grpc_port: int = 0                      # the relay's loopback port (0: no relay)
 
     @property
     def triton_base_url(self) -> str:

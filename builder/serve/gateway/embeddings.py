@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from builder.serve.gateway.body import parse, text_list
 from builder.serve.gateway.errors import bad_request, unsupported
 from builder.serve.gateway.generation import all_of
+from builder.serve.gateway.metrics import usage_recorder
 from builder.serve.gateway.schemas import MAX_EMBEDDING_INPUTS, EmbeddingRequest
 from builder.serve.gateway.state import GatewayDep, require_key
 
@@ -48,6 +49,7 @@ async def embeddings(request: Request, gw: GatewayDep) -> Response:
     counting = asyncio.to_thread(gw.tokens.count, dep.name, texts)
     parts, tokens = await asyncio.gather(all_of(gw.triton.embed(dep.infer, c) for c in chunks), counting)
     vectors = np.concatenate(parts, axis=0)
+    usage_recorder(request, gw.metrics, dep.id, embedding=True)({"prompt_tokens": tokens})
     fmt = req.encoding_format or "float"
     return JSONResponse({
         "object": "list", "model": dep.id,

@@ -32,6 +32,7 @@ class RepositoryApi(Protocol):
 
     async def load(self, model: str) -> None: ...
     async def unload(self, model: str) -> None: ...
+    async def reload(self, model: str) -> None: ...             # unload, then load (a dead stub)
     async def ready_models(self) -> set[str]: ...
     async def last_inference(self) -> dict[str, float]: ...   # model -> unix seconds (0: never)
 
@@ -46,6 +47,14 @@ class NotServable(Exception):
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Overloaded(NotServable):
+    """The deployment's queue is full (backpressure): answered at once, never queued."""
+
+
+class EngineDied(NotServable):
+    """A process serving the deployment died while the request was inside it (it is being reloaded)."""
 
 
 @dataclass
@@ -66,20 +75,31 @@ class Tracked:
     retry_at: float = 0.0            # monotonic: no new load attempt before
     backoff: float = FIRST_BACKOFF
     loading: asyncio.Task | None = field(default=None, repr=False)
+    max_in_flight: int = 0           # backpressure: max_batch_size + queue (0: no bound)
+    overloaded: int = 0              # requests refused because the queue was full
+    stub_restarts: int = 0           # reloads after a stub process died
+    # set when a stub of the deployment dies: the requests inside it then fail at once (and a new
+    # event serves the requests after the reload)
+    broken: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
 
 class Lifecycle:
     def __init__(self, api: RepositoryApi, hold_limit: float = 120.0, clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = time.monotonic, memory_budget: int = 0,
-                 measure: Callable[[Tracked], int] = no_measure):
+                 measure: Callable[[Tracked], int] = no_measure,
+                 dead_stubs: Callable[[tuple[str, ...]], set[str]] | None = None):
         """`memory_budget` (bytes, 0: none): loading a deployment that would exceed it first unloads
-        the least recently used idle ones; `measure` gives a loaded deployment's resident memory."""
+        the least recently used idle ones; `measure` gives a loaded deployment's resident memory;
+        `dead_stubs(models)` names the loaded models whose Python stub died (gateway/stubs.py)."""
         self.api, self.hold_limit = api, hold_limit
+        self.dead_stubs = dead_stubs
+        self.healing: set[str] = set()    # deployments being reloaded after a stub died
         self.memory_budget, self.measure = memory_budget, measure
         self.ensembles: set[str] = set()     # Triton models that are ensembles: loaded after their steps
         self.clock, self.monotonic = clock, monotonic
         self.deployments: dict[str, Tracked] = {}
         self._lock = asyncio.Lock()          # one load or unload decision at a time
+        self.on_cold_start: Callable[[str, float], None] | None = None   # (deployment, seconds): metrics
 
     def track(self, deployments: list[Tracked]) -> None:
         """Set the deployments to manage (after a manifest change); keeps the state of known ones."""
@@ -88,6 +108,7 @@ class Lifecycle:
         for d in deployments:
             if d.id in known:
                 known[d.id].models, known[d.id].idle_timeout = d.models, d.idle_timeout
+                known[d.id].max_in_flight = d.max_in_flight
 
     async def sync(self) -> None:
         """Learn from Triton which deployments are loaded (at start, and every sweep: a repository
@@ -99,10 +120,14 @@ class Lifecycle:
 
     # -- requests -------------------------------------------------------------------------------
     @asynccontextmanager
-    async def serving(self, deployment_id: str) -> AsyncIterator[Tracked]:
+    async def serving(self, deployment_id: str, bounded: bool = True) -> AsyncIterator[Tracked]:
         """Around one request: the deployment is loaded (woken if need be) and cannot be unloaded
-        until the request ends."""
+        until the request ends. `bounded`: refused (Overloaded) when max_in_flight are in flight."""
         d = self.deployments[deployment_id]
+        if bounded and d.max_in_flight and d.in_flight >= d.max_in_flight:
+            d.overloaded += 1
+            raise Overloaded(f"{d.id} is at capacity: {d.in_flight} requests in flight or queued (its bound is "
+                             f"{d.max_in_flight}: max_batch_size + serve --max-queue); retry shortly", 1.0)
         d.in_flight += 1
         d.last_request = self.clock()
         try:
@@ -162,6 +187,8 @@ class Lifecycle:
         d.memory_bytes = self.measure(d) or d.memory_bytes
         d.cold_starts += 1
         d.last_cold_start_s = self.monotonic() - t0
+        if self.on_cold_start is not None:
+            self.on_cold_start(d.id, d.last_cold_start_s)
         log.info("loaded %s in %.2f s", d.id, d.last_cold_start_s)
 
     async def _make_room(self, d: Tracked) -> None:
@@ -229,12 +256,68 @@ class Lifecycle:
             log.info("unloaded %s", d.id)
             return True
 
+    # -- dead stubs ---------------------------------------------------------------------------------
+    async def heal(self) -> list[str]:
+        """Reload every loaded model whose Python stub died (Triton 2.51 keeps such a model READY
+        and fails every request to it); the requests in flight on its deployments fail at once
+        (their `broken` event). Returns the models reloaded."""
+        if self.dead_stubs is None:
+            return []
+        loaded = [d for d in self.deployments.values() if d.state == LOADED]
+        dead = self.dead_stubs(tuple(dict.fromkeys(m for d in loaded for m in d.models)))
+        if not dead:
+            return []
+        hit = [d for d in loaded if dead & set(d.models)]
+        self.healing.update(d.id for d in hit)
+        task = asyncio.create_task(self._reload(sorted(dead), hit))
+        for d in hit:
+            log.warning("a stub of %s died (%s): failing its %d request(s) in flight and reloading it",
+                        d.id, ", ".join(sorted(dead & set(d.models))), d.in_flight)
+            d.broken.set()
+            d.broken = asyncio.Event()
+            d.state, d.loading = LOADING, task      # new requests wait for the reload (hold limit)
+        return await task
+
+    async def _reload(self, dead: list[str], hit: list[Tracked]) -> list[str]:
+        try:
+            return await self._reload_models(dead, hit)
+        finally:
+            self.healing.difference_update(d.id for d in hit)
+
+    def unready(self) -> list[str]:
+        """Deployments that cannot serve now although Triton says READY: a stub died, and the
+        reload has not finished (or has not started: the watch runs every second)."""
+        loaded = [d for d in self.deployments.values() if d.state == LOADED]
+        dead = self.dead_stubs(tuple(dict.fromkeys(m for d in loaded for m in d.models))) if self.dead_stubs else set()
+        return sorted(self.healing | {d.id for d in loaded if dead & set(d.models)})
+
+    async def _reload_models(self, dead: list[str], hit: list[Tracked]) -> list[str]:
+        reloaded = []
+        async with self._lock:
+            try:
+                for model in dead:
+                    await self.api.reload(model)
+                    reloaded.append(model)
+            except Exception as e:  # noqa: BLE001 -- any failure: the deployments back off and retry
+                for d in hit:
+                    d.state, d.failure = FAILED, f"reloading after a stub died failed: {e}"
+                    d.retry_at = self.monotonic() + d.backoff
+                log.error("reloading %s after its stub died failed: %s", ", ".join(sorted(dead)), e)
+                return reloaded
+        for d in hit:
+            d.state = LOADED
+            d.stub_restarts += 1
+        log.warning("reloaded %s: serving again", ", ".join(reloaded))
+        return reloaded
+
     async def run(self, period: float = 1.0) -> None:
-        """The sweeper: forever, every `period` seconds."""
+        """The watch: forever, every `period` seconds, learn what Triton has loaded (a restarted
+        Triton loads everything again), reload models whose stub died, unload idle deployments."""
         while True:
             await asyncio.sleep(period)
             try:
                 await self.sync()
+                await self.heal()
                 await self.sweep()
             except Exception as e:  # Triton restarting, a transient error: try again next period
-                log.warning("idle sweep failed: %s", e)
+                log.warning("lifecycle watch failed: %s", e)

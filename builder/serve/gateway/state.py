@@ -12,6 +12,7 @@ from builder.serve.gateway.config import GatewayConfig
 from builder.serve.gateway.deployments import Catalog
 from builder.serve.gateway.keys import KeyRecord
 from builder.serve.gateway.lifecycle import Lifecycle
+from builder.serve.gateway.metrics import GatewayMetrics
 from builder.serve.gateway.tokens import TokenCounters
 from builder.serve.gateway.waking import WakingTriton
 
@@ -23,6 +24,7 @@ class Gateway:
     triton: WakingTriton            # Triton, with scale to zero in front
     guard: KeyGuard | None          # None: public, no keys
     tokens: TokenCounters
+    metrics: GatewayMetrics
 
     @property
     def lifecycle(self) -> Lifecycle:
@@ -41,5 +43,7 @@ def require_key(request: Request) -> KeyRecord | None:
     guard = gateway(request).guard
     if guard is None:
         return None
-    return guard.check(request.headers.get("authorization"))
+    record = guard.check(request.headers.get("authorization"))
+    request.state.key_name = record.name     # per-key usage metrics: the name, never the key
+    return record
 

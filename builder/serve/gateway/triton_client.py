@@ -23,6 +23,7 @@ from builder.serve.gateway.errors import ApiError, bad_request, unavailable
 _ENSEMBLE_PREFIX = re.compile(r"^in ensemble '[^']*', ")
 _NOT_LOADED = ("request for unknown model", "model is not ready")
 _INTERNAL = ("internal error", "failed to process the request")
+_DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 _HEADER_LENGTH = "inference-header-content-length"
 CONFIG_TTL = 30.0
 
@@ -35,6 +36,9 @@ def triton_error(status: int, message: str, model: str) -> ApiError:
     lowered = message.lower()
     if status in (404, 503) or lowered.startswith(_NOT_LOADED):
         return unavailable(f"{model} is not available right now ({message}); retry shortly", 2)
+    if _DEAD_STUB.search(message):   # a Python stub died: the gateway's watch reloads it (gateway/stubs.py)
+        return unavailable(f"a process serving {model} died and is being reloaded ({message}); retry in a few "
+                           "seconds", 5)
     if status >= 500:
         return unavailable(f"Triton could not serve the request ({message}); retry shortly")
     if lowered.startswith(_INTERNAL):
@@ -163,6 +167,13 @@ class TritonClient:
             if states.get(model) != "UNLOADING":
                 return
             await asyncio.sleep(0.05)
+
+    async def reload(self, model: str, unload_wait: float = 5.0) -> None:
+        """Start a model again whose stub died: unload, then load. The unload of a dead stub's model
+        can stay UNLOADING while requests it never answered are counted in flight; the load does
+        not need it gone (measured on 2.51), so the wait is short."""
+        await self.unload(model, timeout=unload_wait)
+        await self.load(model)
 
     async def ready_models(self) -> set[str]:
         return {m["name"] for m in await self._repository("/index", {"ready": True})}

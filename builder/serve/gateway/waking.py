@@ -4,37 +4,72 @@ until the stream is closed), so an idle unload never cuts it. Same methods as Tr
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
+from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from builder.serve.gateway.backpressure import in_flight_bound, queue_for
 from builder.serve.gateway.deployments import Catalog, Deployment
 from builder.serve.gateway.errors import ApiError, unavailable
-from builder.serve.gateway.lifecycle import Lifecycle, NotServable, Tracked
+from builder.serve.gateway.lifecycle import EngineDied, Lifecycle, NotServable, Overloaded, Tracked
 from builder.serve.gateway.triton_client import TritonClient, TritonStream
 
+T = TypeVar("T")
 
-def tracked(deployments: list[Deployment], idle_timeout: float, idle_timeouts: dict[str, float]) -> list[Tracked]:
+
+def tracked(deployments: list[Deployment], idle_timeout: float, idle_timeouts: dict[str, float],
+            max_queue: int | None = None, max_queues: dict[str, int] | None = None) -> list[Tracked]:
     """What the lifecycle manages: each deployment with its idle timeout (its name's own, else the
-    serve-wide one)."""
+    serve-wide one) and its in-flight bound (gateway/backpressure.py)."""
     return [Tracked(d.id, d.models, idle_timeouts.get(d.name, idle_timeouts.get(d.id, idle_timeout)),
-                    memory_bytes=d.memory_bytes) for d in deployments if d.models]
+                    memory_bytes=d.memory_bytes,
+                    max_in_flight=in_flight_bound(d.max_batch_size, queue_for(d.name, d.id, max_queue, max_queues or {})))
+            for d in deployments if d.models]
 
 
 def not_servable(e: NotServable) -> ApiError:
-    return unavailable(str(e), max(1, math.ceil(e.retry_after)))
+    retry = str(max(1, math.ceil(e.retry_after)))
+    if isinstance(e, Overloaded):
+        return ApiError(429, str(e), type="server_error", code="queue_full", headers={"Retry-After": retry})
+    return unavailable(str(e), int(retry))
+
+
+async def unless_broken(call: Awaitable[T], d: Tracked) -> T:
+    """`call`'s result, unless a stub of `d` dies first: then EngineDied, and the call is cancelled
+    (a request inside a dead stub may never be answered by Triton)."""
+    broken = d.broken
+    task = asyncio.ensure_future(call)
+    waiter = asyncio.ensure_future(broken.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        waiter.cancel()
+    if task.cancelled():
+        raise EngineDied(f"a process serving {d.id} died while it ran this request; it is being reloaded: "
+                         "retry in a few seconds", 5.0)
+    return task.result()
 
 
 class _Held:
     """A stream that keeps its deployment in flight until it is closed."""
 
-    def __init__(self, stream: TritonStream, serving: AbstractAsyncContextManager):
-        self._stream, self._serving = stream, serving
+    def __init__(self, stream: TritonStream, serving: AbstractAsyncContextManager, d: Tracked):
+        self._stream, self._serving, self._d = stream, serving, d
 
     async def next(self) -> dict[str, Any] | None:
-        return await self._stream.next()
+        try:
+            return await unless_broken(self._stream.next(), self._d)
+        except NotServable as e:
+            raise not_servable(e) from None
 
     async def aclose(self) -> None:
         try:
@@ -45,9 +80,11 @@ class _Held:
 
 class WakingTriton:
     def __init__(self, client: TritonClient, lifecycle: Lifecycle, catalog: Catalog,
-                 idle_timeout: float = 0.0, idle_timeouts: dict[str, float] | None = None):
+                 idle_timeout: float = 0.0, idle_timeouts: dict[str, float] | None = None,
+                 max_queue: int | None = None, max_queues: dict[str, int] | None = None):
         self.client, self.lifecycle, self.catalog = client, lifecycle, catalog
         self.idle_timeout, self.idle_timeouts = idle_timeout, dict(idle_timeouts or {})
+        self.max_queue, self.max_queues = max_queue, dict(max_queues or {})
         self._stamp: tuple[str, ...] = ()
 
     def refresh(self) -> None:
@@ -55,7 +92,8 @@ class WakingTriton:
         deployments = self.catalog.all()
         stamp = tuple((d.id, *d.models) for d in deployments)
         if stamp != self._stamp:
-            self.lifecycle.track(tracked(deployments, self.idle_timeout, self.idle_timeouts))
+            self.lifecycle.track(tracked(deployments, self.idle_timeout, self.idle_timeouts, self.max_queue,
+                                         self.max_queues))
             self.lifecycle.ensembles = {d.infer for d in deployments}   # the entry point clients call
             self._stamp = stamp
 
@@ -68,27 +106,30 @@ class WakingTriton:
 
     async def generate(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            async with self._serving(model):
-                return await self.client.generate(model, body)
+            async with self._serving(model) as d:
+                return await unless_broken(self.client.generate(model, body), d)
         except NotServable as e:
             raise not_servable(e) from None
 
     async def embed(self, model: str, texts: list[str]) -> np.ndarray:
         try:
-            async with self._serving(model):
-                return await self.client.embed(model, texts)
+            async with self._serving(model) as d:
+                return await unless_broken(self.client.embed(model, texts), d)
         except NotServable as e:
             raise not_servable(e) from None
 
     async def open_stream(self, model: str, body: dict[str, Any]) -> _Held:
         serving = self._serving(model)
         try:
-            await serving.__aenter__()
+            d = await serving.__aenter__()
         except NotServable as e:
             await serving.__aexit__(None, None, None)
             raise not_servable(e) from None
         try:
-            return _Held(await self.client.open_stream(model, body), serving)
+            return _Held(await unless_broken(self.client.open_stream(model, body), d), serving, d)
+        except NotServable as e:
+            await serving.__aexit__(None, None, None)
+            raise not_servable(e) from None
         except BaseException:
             await serving.__aexit__(None, None, None)
             raise
@@ -100,6 +141,15 @@ class WakingTriton:
     async def input_names(self, model: str) -> set[str]:
         return {i["name"] for i in (await self.config(model)).get("input", [])}
 
+    def hold(self, model: str) -> AbstractAsyncContextManager | None:
+        """Held loaded (woken first) while the context is open, for a Triton model a gRPC call names;
+        None if no deployment owns it (Triton answers the call itself)."""
+        self.refresh()
+        dep = self.catalog.owner(model)
+        if dep is None or dep.id not in self.lifecycle.deployments:
+            return None
+        return self.lifecycle.serving(dep.id)
+
     async def wake_model(self, model: str) -> Deployment | None:
         """Load the deployment a Triton entry point belongs to (a /v2 request through nginx's
         auth_request), and count the request as activity; None if no deployment owns it."""
@@ -108,7 +158,7 @@ class WakingTriton:
         if dep is None or dep.id not in self.lifecycle.deployments:
             return None
         try:
-            async with self.lifecycle.serving(dep.id):
+            async with self.lifecycle.serving(dep.id, bounded=False):   # only wakes: the /v2 call is Triton's
                 return dep
         except NotServable as e:
             raise not_servable(e) from None

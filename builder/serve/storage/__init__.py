@@ -18,7 +18,7 @@ Index schema (version 1):
 `etag` only lets the next push notice objects changed behind its back; readers ignore it.
 
 Modules: `index` (locations, path safety, the index, local scans), `s3` (client, errors, progress),
-`pushing`, `pulling`, `refreshing`. Callers import from the package.
+`pushing`, `pulling`, `refreshing`, `verifying` (`repo verify`). Callers import from the package.
 """
 
 from builder.serve.storage.index import (
@@ -36,12 +36,14 @@ from builder.serve.storage.index import (
                                    scan_local,
                                    target_path,
 )
-from builder.serve.storage.pulling import PullReport, exchange, pull
+from builder.serve.storage.pulling import SWAP_EXCHANGE, SWAP_NEW, SWAP_RENAMES, PullReport, exchange, pull
 from builder.serve.storage.pushing import PushReport, push
 from builder.serve.storage.refreshing import RefreshReport, default_cache_dir, model_changes, refresh
 from builder.serve.storage.s3 import TransferSettings, make_client, storage_error
+from builder.serve.storage.verifying import VerifyReport, verify
 
 __all__ = ["INDEX_NAME", "INDEX_SCHEMA", "FileEntry", "HashCache", "RepositoryIndex", "S3Location", "check_layout",
            "is_s3_url", "parse_url", "read_local_index", "safe_relpath", "scan_local", "target_path", "PullReport",
            "exchange", "pull", "PushReport", "push", "RefreshReport", "default_cache_dir", "model_changes", "refresh",
-           "TransferSettings", "make_client", "storage_error"]
+           "TransferSettings", "make_client", "storage_error", "SWAP_EXCHANGE", "SWAP_NEW", "SWAP_RENAMES",
+           "VerifyReport", "verify"]

@@ -20,6 +20,7 @@ from builder.paths import cache_root
 
 INDEX_NAME = "repository-index.json"
 INDEX_SCHEMA = 1
+BLOBS_DIR = ".blobs"  # PREFIX/.blobs/<sha256>: a push's new content until the index names it (see pushing.py)
 SKIPPED_DIRS = {"__pycache__"}  # written by Triton's Python backend at load time
 SKIPPED_SUFFIXES = (".pyc",)
 MB = 1 << 20
@@ -134,6 +135,10 @@ def check_layout(files: Iterable[str], dirs: Iterable[str] = (), *, source: str 
         file_set.add(rel)
     if INDEX_NAME in file_set:
         raise StorageError(f"{source} lists its own name {INDEX_NAME!r} as a file: re-push the repository")
+    reserved = next((rel for rel in [*file_set, *dirs] if rel.split("/")[0] == BLOBS_DIR), None)
+    if reserved:
+        raise StorageError(f"{source} has {reserved!r}, but {BLOBS_DIR!r} at the top is where pushes stage "
+                           "new content: rename that folder")
     folders = [rel.split("/")[:-1] for rel in file_set]
     folders += [safe_relpath(d, source=source).split("/") for d in dirs]
     for parts in folders:
@@ -152,6 +157,15 @@ class FileEntry:
     size: int
     sha256: str
     etag: str | None = None
+    key: str | None = None  # object holding the bytes, relative to the prefix, when not `path` (a staged blob)
+
+    @property
+    def object(self) -> str:
+        return self.key or self.path
+
+
+def blob_key(sha256: str) -> str:
+    return f"{BLOBS_DIR}/{sha256}"
 
 
 @dataclass
@@ -219,9 +233,12 @@ def _entry(item: Any, source: str) -> FileEntry:
           and isinstance(item.get("sha256"), str) and _SHA256.match(item["sha256"]))
     if not ok:
         raise StorageError(f"{source} has a malformed file entry {str(item)[:120]!r}: re-push the repository")
-    etag = item.get("etag")
+    etag, key = item.get("etag"), item.get("key")
+    if key is not None and key != blob_key(item["sha256"]):
+        raise StorageError(f"{source} has a file entry whose key {str(key)[:80]!r} is not its blob "
+                           f"({blob_key('<sha256>')}): re-push the repository")
     return FileEntry(safe_relpath(item.get("path"), source=source), item["size"], item["sha256"],
-                     etag if isinstance(etag, str) else None)
+                     etag if isinstance(etag, str) else None, key)
 
 
 def _skipped(name: str) -> bool:

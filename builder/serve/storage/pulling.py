@@ -6,11 +6,12 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import os
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -51,6 +52,8 @@ class PullReport:
     changed: bool = False  # False: the local repository already matched the index
     seconds: float = 0.0
     index: RepositoryIndex | None = None
+    repaired: list[str] = field(default_factory=list)  # local files changed since the last pull, downloaded again
+    swap: str = ""  # how the new version went in: SWAP_EXCHANGE, SWAP_RENAMES or SWAP_NEW ("": nothing to swap)
 
     @property
     def mb_per_s(self) -> float:
@@ -59,9 +62,14 @@ class PullReport:
     def summary(self) -> str:
         if not self.changed:
             return f"{self.directory} is already up to date with {self.url}"
-        return (f"pulled {self.url} into {self.directory}: {self.files_downloaded} files downloaded "
+        line = (f"pulled {self.url} into {self.directory}: {self.files_downloaded} files downloaded "
                 f"({self.bytes_downloaded / MB:.1f} MiB), {self.files_reused} unchanged reused, "
                 f"{self.files_resumed} resumed, in {self.seconds:.1f} s ({self.mb_per_s:.0f} MiB/s)")
+        if self.repaired:
+            line += f"; repaired {len(self.repaired)} local files changed since the last pull: {', '.join(self.repaired)}"
+        if self.swap == SWAP_RENAMES:
+            line += f"; swapped by two renames (no renameat2 here): {self.directory} was briefly absent"
+        return line
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,37 @@ class _LocalArea:
     def previous(self) -> Path:  # the version before the last swap
         return self.root / "previous"
 
+    @property
+    def stamps(self) -> Path:  # each file's stat as the last pull left it
+        return self.root / "stamps.json"
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """What changes when a file's bytes may have (any write moves ctime, even with mtime restored)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _read_stamps(area: _LocalArea) -> dict[str, list[int]]:
+    try:
+        data = json.loads(area.stamps.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}  # never recorded (or lost): every file is hashed once, then trusted again
+
+
+def _record_stamps(area: _LocalArea, index: RepositoryIndex) -> None:
+    """Remember each file's stat once nothing of ours will touch it again (links, unlinks of
+    staging and the previous version all move ctime), so the next pull notices any other change."""
+    stamps = {rel: _stamp(area.target / rel) for rel in index.files}
+    tmp = area.stamps.with_name(area.stamps.name + ".tmp")
+    with contextlib.suppress(OSError):  # losing the record costs one re-hash, never correctness
+        tmp.write_text(json.dumps(stamps))
+        os.replace(tmp, area.stamps)
+
 
 @contextlib.contextmanager
 def _locked(area: _LocalArea) -> Iterator[None]:
@@ -106,20 +145,27 @@ def _has_file(path: Path, size: int) -> bool:
 
 
 def _plan(index: RepositoryIndex, current: RepositoryIndex | None, area: _LocalArea,
-          pool: ThreadPoolExecutor) -> tuple[dict, dict, list]:
-    """Split the index into files reusable from the current version, verified in staging, to download.
+          pool: ThreadPoolExecutor) -> tuple[dict, dict, list, list]:
+    """Split the index into files reusable from the current version, verified in staging, to download,
+    and the local files that changed since the last pull (to download again).
 
-    Current files are trusted by the local index a previous pull wrote (and their size); a directory
-    we never pulled into has each candidate hashed instead.
+    A current file is trusted without reading it when the local index a previous pull wrote has its
+    sha256 and its stat (size, mtime_ns, ctime_ns, inode) is the one that pull recorded; any other
+    file of the right size (edited, touched, restored with its old mtime, or in a directory we never
+    pulled into) is hashed.
     """
-    reuse, resumed, candidates = {}, {}, []
+    reuse, resumed, candidates, suspect = {}, {}, [], set()
+    stamps = _read_stamps(area) if current is not None else {}
     for rel, e in index.files.items():
         here = area.target / rel
         old = current.files.get(rel) if current else None
-        if old and old.sha256 == e.sha256 and _has_file(here, e.size):
+        same = old is not None and old.sha256 == e.sha256
+        if same and _has_file(here, e.size) and stamps.get(rel) == _stamp(here):
             reuse[rel] = here
         else:
-            candidates += [(rel, here)] if current is None and _has_file(here, e.size) else []
+            if (current is None or same) and _has_file(here, e.size):
+                candidates.append((rel, here))
+                suspect.update([rel] if same else [])
             candidates += [(rel, area.staging / rel)] if _has_file(area.staging / rel, e.size) else []
 
     def verified(item: tuple[str, Path]) -> tuple[str, Path, bool]:
@@ -130,12 +176,17 @@ def _plan(index: RepositoryIndex, current: RepositoryIndex | None, area: _LocalA
         if ok and rel not in reuse and rel not in resumed:
             (resumed if area.staging in path.parents else reuse)[rel] = path
     todo = [e for rel, e in index.files.items() if rel not in reuse and rel not in resumed]
-    return reuse, resumed, todo
+    changed_here = [rel for rel in sorted(suspect) if rel not in reuse]
+    return reuse, resumed, todo, changed_here
 
 
 class _Mismatch(Exception):
     def __init__(self, rel: str):
         self.rel = rel
+
+
+class _Missing(_Mismatch):
+    """The object the index names is gone (a push settling its blobs meanwhile, or a damaged store)."""
 
 
 class _DownloadSubscriber:
@@ -178,7 +229,7 @@ def _download_all(client, loc: S3Location, area: _LocalArea, entries: list[FileE
             dest = target_path(area.staging, e.path, checked=checked)
             dest.parent.mkdir(parents=True, exist_ok=True)
             subs = [_DownloadSubscriber(e, bar, lambda x: pool.submit(verify, x), checks)]
-            futures.append((e, manager.download(loc.bucket, loc.key(e.path), str(dest), subscribers=subs)))
+            futures.append((e, manager.download(loc.bucket, loc.key(e.object), str(dest), subscribers=subs)))
         for e, f in futures:
             _file_result(e, f, loc)
     except BaseException:
@@ -200,8 +251,7 @@ def _file_result(entry: FileEntry, future, loc: S3Location) -> None:
     except Exception as e:
         code = error_code(e)
         if code in ("NoSuchKey", "404"):
-            raise StorageError(f"{entry.path} is listed in {loc}/{INDEX_NAME} but missing from the store: "
-                               "re-push the repository") from None
+            raise _Missing(entry.path) from None
         if code == "InvalidRange":
             raise _Mismatch(entry.path) from None
         raise
@@ -230,22 +280,31 @@ def _assemble(index: RepositoryIndex, raw_index: bytes, area: _LocalArea, source
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
+SWAP_EXCHANGE = "renameat2(RENAME_EXCHANGE)"   # one atomic step: the directory never goes missing
+SWAP_RENAMES = "two renames"                   # fallback: the directory is absent between them
+SWAP_NEW = "rename"                            # nothing there yet: one plain rename
 
 
-def exchange(a: Path, b: Path) -> None:
-    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE).
-
-    Where the kernel or filesystem lacks it, fall back to two renames: `b` is then missing for a
-    moment, which a Triton load at that instant would notice. Never loses either directory.
-    """
+def _renameat2_exchange(a: Path, b: Path) -> int:
+    """0, or the errno of renameat2(a, b, RENAME_EXCHANGE) (ENOSYS where libc has no renameat2)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         rc = libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
-        err = ctypes.get_errno() if rc != 0 else 0
     except (AttributeError, OSError):
-        rc, err = -1, errno.ENOSYS
-    if rc == 0:
-        return
+        return errno.ENOSYS
+    return ctypes.get_errno() if rc != 0 else 0
+
+
+def exchange(a: Path, b: Path) -> str:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); return how it was done.
+
+    Where the kernel or filesystem lacks it, fall back to two renames (SWAP_RENAMES): `b` is then
+    missing for a moment, which a Triton load at that instant would notice, and the pull's summary
+    says so. Never loses either directory.
+    """
+    err = _renameat2_exchange(a, b)
+    if err == 0:
+        return SWAP_EXCHANGE
     if err not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         raise OSError(err, os.strerror(err), str(b))
     aside = a.with_name(a.name + ".aside")
@@ -256,6 +315,7 @@ def exchange(a: Path, b: Path) -> None:
         os.rename(aside, b)
         raise
     os.rename(aside, a)
+    return SWAP_RENAMES
 
 
 def _remove(path: Path) -> None:
@@ -265,19 +325,21 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _swap_in(area: _LocalArea, was_ours: bool) -> None:
-    """Make `next` the repository; keep what it replaces as `previous` (or `original-*` if never pulled)."""
+def _swap_in(area: _LocalArea, was_ours: bool) -> str:
+    """Make `next` the repository; keep what it replaces as `previous` (or `original-*` if never pulled).
+    Returns how it went in (SWAP_*)."""
     if not area.target.exists():
         area.target.parent.mkdir(parents=True, exist_ok=True)
         os.rename(area.next, area.target)
-        return
-    exchange(area.next, area.target)
+        return SWAP_NEW
+    method = exchange(area.next, area.target)
     with contextlib.suppress(OSError):  # the swap is done; tidying up may fail without harm
         if was_ours:
             _remove(area.previous)
             os.rename(area.next, area.previous)
         else:  # a directory we never pulled into: keep it whole, it may be someone's only copy
             os.rename(area.next, area.root / f"original-{time.strftime('%Y%m%d-%H%M%S')}")
+    return method
 
 
 def _changed_during_pull(client, loc: S3Location, etag: str) -> bool:
@@ -315,9 +377,10 @@ def pull(url: str, local_dir: Path, *, endpoint_url: str | None = None, quiet: b
         report.index = index
         with _locked(area), ThreadPoolExecutor(settings.hash_workers) as pool:
             current = read_local_index(area.target)
-            reuse, resumed, todo = _plan(index, current, area, pool)
+            reuse, resumed, todo, report.repaired = _plan(index, current, area, pool)
             if _up_to_date(index, current, reuse, area):
                 shutil.rmtree(area.staging, ignore_errors=True)
+                _record_stamps(area, index)  # files touched but intact: trusted again without hashing
                 report.seconds = time.monotonic() - start
                 return report
             bar = ProgressBar(sum(e.size for e in todo), f"pull {loc}", quiet, progress)
@@ -326,7 +389,10 @@ def pull(url: str, local_dir: Path, *, endpoint_url: str | None = None, quiet: b
             except _Mismatch as m:
                 if _changed_during_pull(client, loc, index_etag):
                     raise StorageError(f"the repository at {loc} changed during the pull (a push in progress?): "
-                                       "run the pull again") from None
+                                       f"run the pull again; {area.target} was left unchanged") from None
+                if isinstance(m, _Missing):
+                    raise StorageError(f"{m.rel} is listed in {loc}/{INDEX_NAME} but missing from the store: "
+                                       f"re-push the repository. {area.target} was left unchanged") from None
                 raise StorageError(f"checksum mismatch for {m.rel} in {loc}: the stored object differs from the "
                                    f"index; re-push the repository. {area.target} was left unchanged") from None
             finally:
@@ -334,11 +400,12 @@ def pull(url: str, local_dir: Path, *, endpoint_url: str | None = None, quiet: b
             sources = {**reuse, **resumed, **{e.path: area.staging / e.path for e in todo}}
             try:
                 _assemble(index, raw, area, sources)
-                _swap_in(area, was_ours=current is not None)
+                report.swap = _swap_in(area, was_ours=current is not None)
             except OSError as e:
                 raise StorageError(f"cannot install the pulled repository at {area.target} ({e}): "
                                    "check free space and permissions; the previous version is unchanged") from None
             shutil.rmtree(area.staging, ignore_errors=True)
+            _record_stamps(area, index)
     report.changed = True
     report.files_downloaded, report.bytes_downloaded = len(todo), sum(e.size for e in todo)
     report.files_reused = len(reuse)

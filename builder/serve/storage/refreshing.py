@@ -75,10 +75,13 @@ def _loaded_models(server: str) -> set[str]:
 
 
 def _error_text(body: str) -> str:
+    """Triton's reason on one line: a Python model's error arrives with an "At: file(line)" trace."""
     try:
-        return str(json.loads(body).get("error", body))
+        text = str(json.loads(body).get("error", body))
     except ValueError:
-        return body[:300]
+        text = body
+    text = re.split(r"\n\s*At:\s*\n", text, maxsplit=1)[0]
+    return " ".join(text.split())[:300]
 
 
 def refresh(url: str, local_dir: Path, server_url: str, *, endpoint_url: str | None = None,
@@ -95,6 +98,9 @@ def refresh(url: str, local_dir: Path, server_url: str, *, endpoint_url: str | N
     if not report.pull.changed:
         return report
     added, changed, removed = model_changes(old, report.pull.index)
+    models = report.pull.index.model_digests()
+    repaired = {rel.split("/")[0] for rel in report.pull.repaired} & set(models)
+    changed = sorted(set(changed) | (repaired - set(added)))  # Triton may hold what the damaged file said
     for name in added + changed:
         if name not in loaded_now and name not in added:
             report.not_loaded.append(name)

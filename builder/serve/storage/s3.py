@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from backends.errors import InvalidArgumentError, StorageError
+from builder.progress import Transfer
 from builder.serve.storage.index import MB, Progress, S3Location
 
 # ---------------------------------------------------------------------- client and errors
@@ -153,20 +154,16 @@ def list_objects(client, loc: S3Location) -> dict[str, tuple[int, str]]:
 # ---------------------------------------------------------------------------------- progress
 
 class ProgressBar:
-    """A tqdm byte bar (unless quiet) plus an optional callback; safe to call from transfer threads."""
+    """A transfer's progress (builder/progress.py: a bar on a terminal, plain lines otherwise;
+    nothing when quiet) plus an optional callback; safe to call from transfer threads."""
 
     def __init__(self, total: int, desc: str, quiet: bool, callback: Progress | None):
-        from tqdm import tqdm
-
         self.callback = callback
-        self.bar = None
-        if not quiet and total > 0:
-            self.bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                            dynamic_ncols=True, leave=False)
+        self.bar = Transfer(total, desc) if not quiet and total > 0 else None
 
     def __call__(self, n: int) -> None:
         if self.bar is not None:
-            self.bar.update(n)
+            self.bar(n)
         if self.callback is not None:
             self.callback(n)
 

@@ -1,0 +1,222 @@
+"""Soak: 8 mixed clients against a real `serve` for SOAK_SECONDS (default 600), then a report.
+
+Each client loops over a fixed mix: chat completions, streamed chat completions, embeddings, and
+client mistakes (an unknown model, a bad max_tokens, a missing key) whose 4xx is the expected
+answer. Every request is checked against what it should get; anything else is an unexpected error
+(goal: none). Latency p50/p99 per kind is reported for each time window, and the resident memory of
+every process of the serve (serve itself, tritonserver, each Python stub, the gateway, nginx) at
+the end of warm-up (the first window) and at the end (goal: under 5% growth).
+
+Not part of `make test` or `make bench`: `make soak` (SOAK_SECONDS=60 make soak for a short run), or
+`.venv/bin/python -m benchmarks.soak --seconds 60` from the repository root.
+Writes benchmarks/results/soak.json. The default models (SmolLM2 int8, MiniLM int8) are built once
+into the cache (build-engines skips unchanged deployments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from builder.build.deployment import DeploymentSpec
+from builder.build.pipeline import BuildOptions, build
+from builder.paths import cache_root
+from tests.support.machine import cpu_description
+from tests.support.reliability import cmdline, descendants, rss_bytes
+from tests.support.serve import Serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+LLM, EMBEDDING = "smollm2-135m-instruct:int8", "all-minilm-l6-v2:int8"
+CLIENTS = 8
+MIX = ("chat", "chat_stream", "embeddings", "chat", "chat_stream", "embeddings", "bad_model", "bad_max_tokens",
+       "no_key")
+EXPECTED = {"chat": 200, "chat_stream": 200, "embeddings": 200, "bad_model": 404, "bad_max_tokens": 400,
+            "no_key": 401}
+TOPICS = ("a lighthouse", "tea", "a robot", "Mars", "jazz", "a cat", "an oak tree", "bread")
+
+
+@dataclass
+class Sample:
+    at: float          # seconds since the start
+    kind: str
+    status: int | str  # HTTP status, or the exception's name
+    seconds: float
+    detail: str = ""
+
+
+def one_request(client: httpx.Client, url: str, key: str, kind: str, i: int) -> tuple[int | str, str]:
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = {"model": LLM, "max_tokens": 48, "messages": [{"role": "user", "content": f"Tell me about {TOPICS[i % 8]}."}]}
+    if kind == "chat":
+        r = client.post(f"{url}/v1/chat/completions", json=chat, headers=auth)
+        ok = r.status_code != 200 or bool(r.json()["choices"][0]["message"]["content"])
+        return (r.status_code if ok else "empty answer"), r.text[:200] if r.status_code != 200 else ""
+    if kind == "chat_stream":
+        with client.stream("POST", f"{url}/v1/chat/completions", json={**chat, "stream": True}, headers=auth) as r:
+            if r.status_code != 200:
+                r.read()
+                return r.status_code, r.text[:200]
+            lines = [ln for ln in r.iter_lines() if ln]
+            events = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")]
+            if lines[-1] != "data: [DONE]" or any("error" in e for e in events):
+                return "broken stream", "".join(lines[-2:])[:200]
+            return 200, ""
+    if kind == "embeddings":
+        r = client.post(f"{url}/v1/embeddings", headers=auth,
+                        json={"model": EMBEDDING, "input": [f"sentence {i} about {t}" for t in TOPICS]})
+        ok = r.status_code != 200 or len(r.json()["data"]) == len(TOPICS)
+        return (r.status_code if ok else "wrong count"), r.text[:200] if r.status_code != 200 else ""
+    if kind == "bad_model":
+        r = client.post(f"{url}/v1/chat/completions", json={**chat, "model": "no-such-model:int8"}, headers=auth)
+    elif kind == "bad_max_tokens":
+        r = client.post(f"{url}/v1/chat/completions", json={**chat, "max_tokens": -3}, headers=auth)
+    else:
+        r = client.post(f"{url}/v1/chat/completions", json=chat)
+    return r.status_code, ""
+
+
+def client_loop(url: str, key: str, index: int, until: float, t0: float, samples: list[Sample]) -> None:
+    with httpx.Client(timeout=120) as client:
+        i = index
+        while time.monotonic() < until:
+            kind = MIX[i % len(MIX)]
+            start = time.monotonic()
+            try:
+                status, detail = one_request(client, url, key, kind, i)
+            except httpx.HTTPError as e:
+                status, detail = type(e).__name__, str(e)[:200]
+            samples.append(Sample(start - t0, kind, status, time.monotonic() - start, detail))
+            i += 1
+
+
+def processes(serve_pid: int) -> dict[str, int]:
+    """Every process of the serve by a readable name (stubs by their model)."""
+    named = {"serve": serve_pid}
+    for pid in sorted(descendants(serve_pid)):
+        args = cmdline(pid)
+        text = " ".join(args)
+        if args and args[0].endswith("triton_python_backend_stub"):
+            name = "stub " + Path(args[1]).parent.parent.name
+        elif "--model-repository" in text:
+            name = "tritonserver"
+        elif "builder.serve.gateway" in text:
+            name = "gateway"
+        elif "nginx" in text:
+            name = "nginx " + ("master" if "master" in text else "worker")
+        else:
+            continue
+        while name in named:
+            name += "'"
+        named[name] = pid
+    return named
+
+
+def memory(named: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for name, pid in named.items():
+        try:
+            out[name] = rss_bytes(pid)
+        except OSError:
+            out[name] = 0
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def report(samples: list[Sample], seconds: float, window: float, rss_start: dict[str, int],
+           rss_end: dict[str, int]) -> dict:
+    unexpected = [s for s in samples if s.status != EXPECTED[s.kind]]
+    windows = []
+    for w in range(int(seconds // window) + (1 if seconds % window else 0)):
+        inside = [s for s in samples if w * window <= s.at < (w + 1) * window and s.status == EXPECTED[s.kind]]
+        row = {"from_s": w * window, "requests": len(inside)}
+        for kind in ("chat", "chat_stream", "embeddings"):
+            lat = [s.seconds * 1000 for s in inside if s.kind == kind]
+            row[kind] = {"p50_ms": round(percentile(lat, 0.5), 1), "p99_ms": round(percentile(lat, 0.99), 1)}
+        windows.append(row)
+    growth = {n: round(100.0 * (rss_end.get(n, 0) - v) / v, 2) for n, v in rss_start.items() if v}
+    return {
+        "machine": cpu_description(), "seconds": seconds, "clients": CLIENTS, "requests": len(samples),
+        "by_kind": dict(Counter(s.kind for s in samples)),
+        "unexpected_errors": len(unexpected),
+        "errors_by_kind": {f"{k} -> {v}": n for (k, v), n in Counter((s.kind, s.status) for s in unexpected).items()},
+        "unexpected_examples": [s.__dict__ for s in unexpected[:5]],
+        "expected_client_errors": {k: n for k, n in Counter(s.kind for s in samples if EXPECTED[s.kind] != 200).items()},
+        "windows": windows,
+        "rss_mib_after_warmup": {n: round(v / 2**20, 1) for n, v in rss_start.items()},
+        "rss_mib_end": {n: round(v / 2**20, 1) for n, v in rss_end.items()},
+        "rss_growth_percent": growth,
+        "max_rss_growth_percent": max(growth.values(), default=0.0),
+    }
+
+
+def print_report(r: dict) -> None:
+    print(f"\nsoak: {r['requests']} requests in {r['seconds']:.0f} s by {r['clients']} clients on {r['machine']}")
+    print(f"unexpected errors: {r['unexpected_errors']}  {r['errors_by_kind'] or ''}")
+    print(f"expected client errors (4xx asked for): {r['expected_client_errors']}")
+    print(f"{'window':>8} {'requests':>8}  " + "  ".join(f"{k + ' p50/p99 ms':>26}" for k in ("chat", "chat_stream",
+                                                                                           "embeddings")))
+    for w in r["windows"]:
+        cells = "  ".join(f"{w[k]['p50_ms']:>12} / {w[k]['p99_ms']:<11}" for k in ("chat", "chat_stream", "embeddings"))
+        print(f"{w['from_s']:>7.0f}s {w['requests']:>8}  {cells}")
+    print("RSS MiB (after warm-up -> end, growth %):")
+    for name, start in r["rss_mib_after_warmup"].items():
+        print(f"  {name:<48} {start:>8} -> {r['rss_mib_end'].get(name, 0):>8}  {r['rss_growth_percent'].get(name, 0):+.2f}%")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", "600")))
+    p.add_argument("--window", type=float, default=None, help="report window in seconds [seconds / 10]")
+    p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
+    args = p.parse_args(argv)
+    window = args.window or max(args.seconds / 10, 5.0)
+    root = cache_root() / "soak"
+    build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=2048, max_batch_size=8),
+           DeploymentSpec("all-minilm-l6-v2", kind="embedding", precisions=["int8"])],
+          BuildOptions(output=root / "repo", cache_dir=cache_root(), echo=print))
+    run = root / f"run-{os.getpid()}"
+    run.mkdir(parents=True, exist_ok=True)
+    serve = Serve(root / "repo", run, "--idle-timeout", "0")
+    try:
+        key = serve.create_key("soak")
+        samples: list[Sample] = []
+        t0 = time.monotonic()
+        until = t0 + args.seconds
+        threads = [threading.Thread(target=client_loop, args=(serve.url, key, i, until, t0, samples))
+                   for i in range(CLIENTS)]
+        for t in threads:
+            t.start()
+        time.sleep(min(window, args.seconds))          # warm-up: the first window
+        named = processes(serve.process.pid)
+        rss_start = memory(named)
+        for t in threads:
+            t.join()
+        rss_end = memory(named)
+        result = report(samples, args.seconds, window, rss_start, rss_end)
+    finally:
+        serve.stop()
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    print_report(result)
+    print(f"\nwritten to {args.output}")
+    return 0 if result["unexpected_errors"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

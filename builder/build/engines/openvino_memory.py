@@ -1,0 +1,75 @@
+"""The resident memory of a CPU LLM engine, measured at build time: the engine runs in a
+subprocess (the same code and runtime settings as its Triton stub, on this host's ISA class), and
+its RSS is read after the load and again after LOAD_TEST_CLIENTS concurrent requests of about
+LOAD_TEST_PROMPT prompt tokens. The manifest records both; the scale-to-zero memory budget
+(builder/serve/gateway/lifecycle.py) starts from them until serving measures the live stubs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from backends.errors import BuildError
+
+LOAD_TEST_CLIENTS = 8
+LOAD_TEST_PROMPT = 1000
+LOAD_TEST_NEW_TOKENS = 16
+TIMEOUT_S = 900
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def load_test(engine_dir: Path, context_size: int, max_batch_size: int, clients: int = LOAD_TEST_CLIENTS,
+              prompt: int = LOAD_TEST_PROMPT, new_tokens: int = LOAD_TEST_NEW_TOKENS,
+              properties: dict | None = None) -> dict:
+    """Run in this process: load the engine, serve `clients` concurrent requests, report RSS."""
+    from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+    from backends.sampling import Sampling
+
+    engine = ContinuousBatchingEngine(engine_dir, context_size, max_batch_size, properties=properties)
+    loaded = rss_bytes()
+    prompt = max(1, min(prompt, context_size - new_tokens - 1))
+    done = threading.Semaphore(0)
+    generated = []
+
+    def on_tokens(ids, final, reason):
+        if final:
+            generated.append((len(ids), reason))
+            done.release()
+
+    for i in range(clients):   # different prompts: no request shares another's KV blocks
+        ids = [(7 + 31 * i + 17 * k) % 20000 + 100 for k in range(prompt)]
+        engine.submit(GenerationRequest(ids, new_tokens, -1, Sampling(), on_tokens))
+    for _ in range(clients):
+        if not done.acquire(timeout=TIMEOUT_S):
+            break
+    after = rss_bytes()
+    engine.shutdown()
+    return {"loaded_bytes": loaded, "after_load_test_bytes": after, "setting": engine.runtime.as_dict(),
+            "load_test": f"{clients} concurrent requests of {prompt} prompt + {new_tokens} new tokens",
+            "completed": sum(1 for n, reason in generated if reason in ("length", "stop"))}
+
+
+def measure(engine_dir: Path, context_size: int, max_batch_size: int) -> dict:
+    """load_test in a fresh subprocess (this process has the build's other engines in memory)."""
+    job = json.dumps({"engine": str(engine_dir), "context_size": context_size, "max_batch_size": max_batch_size})
+    proc = subprocess.run([sys.executable, "-m", __name__], check=False, input=job, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
+        raise BuildError(f"measuring the engine's memory failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    args = json.loads(sys.stdin.read())
+    print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"])))

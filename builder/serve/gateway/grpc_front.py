@@ -1,0 +1,174 @@
+"""Scale to zero for gRPC: a relay in front of Triton's gRPC port that wakes the deployment a call
+names before passing the call on, and keeps it in flight until the call ends.
+
+nginx's `auth_request` cannot see a gRPC call's model (it is inside the protobuf body), so nginx
+hands gRPC calls to this relay instead of Triton when scale to zero is on. Every method is relayed
+as raw bytes (no re-encoding); only the first message of each call for ModelInfer, ModelStreamInfer,
+ModelMetadata and ModelConfig is parsed, for its model name. A deployment that cannot be loaded
+answers UNAVAILABLE with the reason (never a hang, never Triton's bare "unknown model"); readiness
+(ModelReady, and the server-wide calls) passes through without waking anything, as /v2 .../ready does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from tritonclient.grpc import service_pb2
+
+from builder.serve.gateway.errors import ApiError
+from builder.serve.gateway.lifecycle import NotServable, Overloaded
+
+log = logging.getLogger("serverless_triton.gateway.grpc")
+
+SERVICE = "/inference.GRPCInferenceService/"
+# method -> the request message whose field names the model
+_NAMED: dict[str, tuple[type, str]] = {
+    SERVICE + "ModelInfer": (service_pb2.ModelInferRequest, "model_name"),
+    SERVICE + "ModelStreamInfer": (service_pb2.ModelInferRequest, "model_name"),
+    SERVICE + "ModelMetadata": (service_pb2.ModelMetadataRequest, "name"),
+    SERVICE + "ModelConfig": (service_pb2.ModelConfigRequest, "name"),
+}
+# gRPC's own and HTTP/2's headers are the channel's business, not the call's
+_HOP_HEADERS = (":", "grpc-", "user-agent", "content-type", "te")
+UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+
+# deployment for a Triton model name -> async context that holds it loaded (WakingTriton.serving_model)
+Holder = Callable[[str], AbstractAsyncContextManager | None]
+
+
+def model_named(method: str, message: bytes) -> str | None:
+    """The model a call's request names, for the calls that need it loaded; None for the rest."""
+    named = _NAMED.get(method)
+    if named is None:
+        return None
+    kind, field = named
+    request = kind()
+    request.ParseFromString(message)
+    return getattr(request, field) or None
+
+
+def forwarded_metadata(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
+    return tuple((m.key, m.value) for m in metadata or () if not m.key.startswith(_HOP_HEADERS))
+
+
+class _Held:
+    """The deployments one call keeps in flight (a stream may name several models)."""
+
+    def __init__(self, hold: Holder):
+        self._hold, self._stack, self._models = hold, contextlib.AsyncExitStack(), set[str]()
+
+    async def enter(self, model: str | None) -> None:
+        if model is None or model in self._models:
+            return
+        self._models.add(model)
+        ctx = self._hold(model)
+        if ctx is not None:
+            await self._stack.enter_async_context(ctx)
+
+    async def aclose(self) -> None:
+        await self._stack.aclose()
+
+
+class GrpcFront:
+    """`start(port)` serves on 127.0.0.1:port; `upstream` is Triton's gRPC host:port."""
+
+    def __init__(self, upstream: str, hold: Holder):
+        self.upstream, self.hold = upstream, hold
+        self.channel: grpc.aio.Channel | None = None
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self, port: int, host: str = "127.0.0.1") -> None:
+        self.channel = grpc.aio.insecure_channel(self.upstream, options=UNLIMITED)
+        self.server = grpc.aio.server(options=UNLIMITED)
+        self.server.add_generic_rpc_handlers((_Relay(self),))
+        if not self.server.add_insecure_port(f"{host}:{port}"):
+            raise OSError(f"the gRPC relay could not listen on {host}:{port}")
+        await self.server.start()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self.server is not None:
+            await self.server.stop(grace)
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def relay(self, method: str, requests: AsyncIterator[bytes],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        held = _Held(self.hold)
+        call = None
+        refused: list[tuple[grpc.StatusCode, str]] = []   # why a later message of a stream was not served
+        try:
+            first = await anext(aiter(requests), None)
+            if first is None:
+                return
+            refusal = await self._wake(held, method, first)
+            if refusal:
+                await context.abort(*refusal)
+
+            async def upstream_requests() -> AsyncIterator[bytes]:
+                yield first
+                async for message in requests:
+                    refusal = await self._wake(held, method, message)
+                    if refusal:        # end the stream here; the handler answers it once Triton
+                        refused.append(refusal)                     # has finished the rest
+                        return
+                    yield message
+
+            assert self.channel is not None
+            call = self.channel.stream_stream(method)(upstream_requests(),
+                                                      metadata=forwarded_metadata(context.invocation_metadata()))
+            try:
+                async for response in call:
+                    yield response
+                trailing = await call.trailing_metadata()
+                if trailing:
+                    context.set_trailing_metadata(forwarded_metadata(trailing))
+            except grpc.aio.AioRpcError as e:
+                await context.abort(e.code(), e.details() or "")
+            if refused:
+                await context.abort(*refused[0])
+        finally:
+            if call is not None:
+                call.cancel()          # the client went away: Triton cancels the request (a stream stops)
+            await held.aclose()
+
+    @staticmethod
+    async def _wake(held: _Held, method: str, message: bytes) -> tuple[grpc.StatusCode, str] | None:
+        """Load the deployment the message names and hold it; the status and reason when it cannot:
+        RESOURCE_EXHAUSTED past its queue bound (like /v1's 429), UNAVAILABLE when it cannot load."""
+        try:
+            model = model_named(method, message)
+        except DecodeError:            # not a valid message: Triton answers it in its own words
+            return None
+        try:
+            await held.enter(model)
+        except Overloaded as e:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, f"{model}: {e}"
+        except NotServable as e:
+            return grpc.StatusCode.UNAVAILABLE, (f"{model}: {e} (retry in {max(1, round(e.retry_after))} s; "
+                                                 "serverless-triton status shows the deployment's state)")
+        except ApiError as e:
+            return grpc.StatusCode.UNAVAILABLE, f"{model}: {e.message}"
+        return None
+
+
+class _Relay(grpc.GenericRpcHandler):
+    """Every method as a bidirectional stream of raw bytes: gRPC's wire format is the same for
+    unary and streaming calls, so one handler relays both."""
+
+    def __init__(self, front: GrpcFront):
+        self.front = front
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+
+        async def relay(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+            async for response in self.front.relay(method, requests, context):   # an async generator
+                yield response                                                     # function, as grpc.aio needs
+
+        return grpc.stream_stream_rpc_method_handler(relay)
