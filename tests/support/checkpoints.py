@@ -6,14 +6,15 @@ import shutil
 from pathlib import Path
 
 
-def make_tiny_llama(target: Path, tokenizer_dir: Path) -> Path:
+def make_tiny_llama(target: Path, tokenizer_dir: Path, hidden_size: int = 64, context: int = 512) -> Path:
     """A random 2-layer Llama with SmolLM2's tokenizer: exactness on a second checkpoint, in seconds."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=context,
                          initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2,
                          tie_word_embeddings=True)
     LlamaForCausalLM(config).eval().save_pretrained(target, safe_serialization=True)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
 import time
 import urllib.request
@@ -16,6 +15,7 @@ from pathlib import Path
 import httpx
 
 from builder.serve.processes import children
+from tests.support.checkpoints import make_tiny_llama
 
 STUB = "triton_python_backend_stub"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -24,18 +24,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 def slow_llama(target: Path, tokenizer_dir: Path) -> Path:
     """A random Llama wide enough (hidden 256, context 2048) that 8 streams of 1500 tokens keep the
     CPU engine busy for seconds: a hang-up that did not stop the engine shows as seconds of work."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         initializer_range=0.3, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).eval().save_pretrained(target, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(Path(tokenizer_dir) / name, target / name)
-    return target
+    return make_tiny_llama(target, tokenizer_dir, hidden_size=256, context=2048)
 
 
 def cmdline(pid: int) -> list[str]:

@@ -9,6 +9,7 @@ Triton's answers are turned into `ApiError`s here, so the routers only see OpenA
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -26,6 +27,7 @@ _INTERNAL = ("internal error", "failed to process the request")
 _DEAD_STUB = re.compile(r"Stub process '[^']*' is not healthy")
 _HEADER_LENGTH = "inference-header-content-length"
 CONFIG_TTL = 30.0
+CLOSE_TIMEOUT = 2.0
 
 
 def triton_error(status: int, message: str, model: str) -> ApiError:
@@ -76,7 +78,11 @@ class TritonStream:
         return None
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        """Close the connection (Triton's streaming model sees a departed client and stops). Bounded:
+        after a read cancelled because the stub behind it died, closing can wait forever, and the
+        client would never get its error event."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._response.aclose(), CLOSE_TIMEOUT)
 
 
 class TritonClient:

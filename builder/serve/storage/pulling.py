@@ -222,8 +222,7 @@ def _download_all(client, loc: S3Location, area: _LocalArea, entries: list[FileE
 
     checks: list = []
     checked: set[str] = set()
-    manager = transfer_manager(client, settings)
-    try:
+    with transfer_manager(client, settings) as manager:   # joins its threads: every on_done has run
         futures = []
         for e in entries:
             dest = target_path(area.staging, e.path, checked=checked)
@@ -232,10 +231,6 @@ def _download_all(client, loc: S3Location, area: _LocalArea, entries: list[FileE
             futures.append((e, manager.download(loc.bucket, loc.key(e.object), str(dest), subscribers=subs)))
         for e, f in futures:
             _file_result(e, f, loc)
-    except BaseException:
-        manager.shutdown(cancel=True)
-        raise
-    manager.shutdown()  # joins the transfer threads, so every on_done has run
     for _, check in checks:
         check.result()
     verified = {rel for rel, _ in checks}

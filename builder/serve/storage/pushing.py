@@ -122,8 +122,7 @@ def _upload_changed(client, loc: S3Location, root: Path, files: list[str], state
         return entry, etag, staged
 
     entries, same, staged, uploads, blobs = [], {}, set(), [], set()
-    manager = transfer_manager(client, settings)
-    try:
+    with transfer_manager(client, settings) as manager:
         with ThreadPoolExecutor(settings.hash_workers) as hashers:
             for done in as_completed([hashers.submit(decide, rel) for rel in files]):
                 entry, etag, already = done.result()
@@ -141,10 +140,6 @@ def _upload_changed(client, loc: S3Location, root: Path, files: list[str], state
                                               subscribers=[bar.subscriber()]))
         for f in uploads:
             f.result()
-    except BaseException:
-        manager.shutdown(cancel=True)
-        raise
-    manager.shutdown()
     return entries, same, staged
 
 
@@ -155,16 +150,11 @@ def _put_index(client, loc: S3Location, index: RepositoryIndex) -> None:
 def _settle(client, loc: S3Location, entries: list[FileEntry], settings: TransferSettings) -> None:
     """Copy each staged blob onto its mirror key, inside the store (multipart above the part size;
     the sha256 metadata travels with it)."""
-    manager = transfer_manager(client, settings)
-    try:
+    with transfer_manager(client, settings) as manager:
         copies = [manager.copy({"Bucket": loc.bucket, "Key": loc.key(e.object)}, loc.bucket, loc.key(e.path))
                   for e in entries]
         for f in copies:
             f.result()
-    except BaseException:
-        manager.shutdown(cancel=True)
-        raise
-    manager.shutdown()
 
 
 def _delete_blobs(client, loc: S3Location) -> None:

@@ -34,12 +34,21 @@ def make_client(endpoint_url: str | None, settings: TransferSettings):
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
 
 
-def transfer_manager(client, settings: TransferSettings):
+@contextlib.contextmanager
+def transfer_manager(client, settings: TransferSettings) -> Iterator:
+    """An s3transfer manager for one batch of transfers: on the way out it joins its threads (so
+    every subscriber's on_done has run), or, after an error or an interrupt, cancels what is left."""
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
     config = TransferConfig(multipart_threshold=settings.part_size, multipart_chunksize=settings.part_size,
                             max_concurrency=settings.concurrency, preferred_transfer_client="classic")
-    return create_transfer_manager(client, config)
+    manager = create_transfer_manager(client, config)
+    try:
+        yield manager
+    except BaseException:
+        manager.shutdown(cancel=True)
+        raise
+    manager.shutdown()
 
 
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
