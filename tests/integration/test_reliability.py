@@ -37,6 +37,8 @@ from tests.support.reliability import (
 )
 from tests.support.serve import Serve, stop_serve
 
+pytestmark = pytest.mark.faults    # make test-faults (Makefile: why not in make test yet)
+
 NAME = "slow-llama"
 MODEL = f"{NAME}:fp32"
 ENGINE, STREAM, LLM = f"{NAME}-fp32-engine", f"{NAME}-fp32-stream", f"{NAME}-fp32"
