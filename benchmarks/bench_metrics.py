@@ -19,15 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from builder.build.deployment import DeploymentSpec
-from builder.build.pipeline import BuildOptions, build
-from builder.paths import cache_root
+from benchmarks.support.default_llm import build_default_int8, chat_tokens
 from tests.support.machine import cpu_description
 from tests.support.serve import Serve
 
-MODEL = "smollm2-135m-instruct:int8"
 CLIENTS = 8
-NEW_TOKENS = 128
 ROUNDS = 5
 TOPICS = ("a lighthouse keeper", "a dragon who loves tea", "a lost robot", "the first city on Mars",
           "a jazz musician", "a cat detective", "an old oak tree", "a time-travelling baker")
@@ -38,8 +34,7 @@ MESSAGES = [[{"role": "user", "content": f"Write a long, detailed story about {t
 def serves(tmp_path_factory):
     """The default model at int8, served twice: metrics on, and --no-metrics."""
     root = tmp_path_factory.mktemp("bench-metrics")
-    build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=2048, max_batch_size=8)],
-          BuildOptions(output=root / "repo", cache_dir=cache_root(), echo=lambda _: None))
+    build_default_int8(root / "repo")
     (root / "on").mkdir()
     (root / "off").mkdir()
     on = Serve(root / "repo", root / "on")
@@ -53,19 +48,12 @@ def serves(tmp_path_factory):
         on.stop()
 
 
-def _chat(serve: Serve, key: str, messages, client: httpx.Client) -> int:
-    r = client.post(f"{serve.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                    json={"model": MODEL, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0})
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
-
-
 def _tokens_per_s(serve: Serve, key: str) -> float:
     with httpx.Client(timeout=600, limits=httpx.Limits(max_connections=CLIENTS)) as client:
-        _chat(serve, key, MESSAGES[0], client)   # warm: connections, caches
+        chat_tokens(serve, key, MESSAGES[0], client)   # warm: connections, caches
         t0 = time.perf_counter()
         with ThreadPoolExecutor(CLIENTS) as pool:
-            tokens = sum(pool.map(lambda m: _chat(serve, key, m, client), MESSAGES[:CLIENTS]))
+            tokens = sum(pool.map(lambda m: chat_tokens(serve, key, m, client), MESSAGES[:CLIENTS]))
         elapsed = time.perf_counter() - t0
     httpx.get(f"http://127.0.0.1:{serve.metrics}/metrics", timeout=30).raise_for_status()   # as Prometheus would
     return tokens / elapsed

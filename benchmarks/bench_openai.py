@@ -19,14 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from builder.build.deployment import DeploymentSpec
-from builder.build.pipeline import BuildOptions, build
-from builder.paths import cache_root
+from benchmarks.support.default_llm import MODEL, NEW_TOKENS, build_default_int8, chat_tokens
 from tests.support.machine import cpu_description
 from tests.support.serve import Serve
 
-MODEL, TRITON_MODEL = "smollm2-135m-instruct:int8", "smollm2-135m-instruct-int8"
-NEW_TOKENS = 128
+TRITON_MODEL = "smollm2-135m-instruct-int8"
 ROUNDS = 3
 TTFT_ROUNDS = 20
 TOPICS = ("a lighthouse keeper", "a dragon who loves tea", "a lost robot", "the first city on Mars",
@@ -39,20 +36,12 @@ RESULTS: dict[str, float] = {}
 def served(tmp_path_factory):
     """The default model at int8, served as users serve it, and a key."""
     root = tmp_path_factory.mktemp("bench-openai")
-    build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=2048, max_batch_size=8)],
-          BuildOptions(output=root / "repo", cache_dir=cache_root(), echo=lambda _: None))
+    build_default_int8(root / "repo")
     serve = Serve(root / "repo", root)
     try:
         yield serve, serve.create_key("bench")
     finally:
         serve.stop()
-
-
-def _v1(serve: Serve, key: str, messages, client: httpx.Client) -> int:
-    r = client.post(f"{serve.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                    json={"model": MODEL, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0})
-    r.raise_for_status()
-    return r.json()["usage"]["completion_tokens"]
 
 
 def _v2(serve: Serve, key: str, messages, client: httpx.Client) -> int:
@@ -91,7 +80,7 @@ def test_tokens_per_s(benchmark, served, clients):
     rounds: dict[str, list[float]] = {"v1": [], "v2": []}
 
     def one_pair():
-        for path, call in (("v2", _v2), ("v1", _v1)):
+        for path, call in (("v2", _v2), ("v1", chat_tokens)):
             rounds[path].append(_tokens_per_s(serve, key, call, clients))
 
     benchmark.pedantic(one_pair, rounds=ROUNDS, iterations=1)

@@ -17,6 +17,7 @@ from backends.embedding import cosine
 from builder.build.sources.checkpoint import DEFAULT_EMBEDDING_NAME, default_embedding_dir
 from builder.serve.embedding_client import embed_texts
 from builder.serve.ports import free_ports
+from tests.support.checkpoints import make_tiny_roberta
 from tests.support.texts import EMPTY_AFTER_STRIP, varied_sentences
 
 ALL = ["fp32", "fp16", "int8", "fp8"]
@@ -36,18 +37,7 @@ def names(precision: str) -> DeploymentName:
 def tiny_roberta(tmp_path_factory):
     """A random 2-layer RoBERTa, plain transformers layout (no sentence-transformers files), with
     MiniLM's tokenizer: the --pooling path and an encoder without token_type_ids, in seconds."""
-    import shutil
-
-    import torch
-    from transformers import RobertaConfig, RobertaModel
-
-    torch.manual_seed(0)
-    config = RobertaConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=128, max_position_embeddings=130, pad_token_id=0, type_vocab_size=1)
-    target = tmp_path_factory.mktemp("tiny-roberta")
-    RobertaModel(config, add_pooling_layer=False).eval().save_pretrained(target, safe_serialization=True)
-    shutil.copyfile(default_embedding_dir() / "tokenizer.json", target / "tokenizer.json")
-    return target
+    return make_tiny_roberta(tmp_path_factory.mktemp("tiny-roberta"), default_embedding_dir())
 
 
 @pytest.fixture(scope="module")
