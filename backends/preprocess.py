@@ -99,10 +99,9 @@ def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> di
                            "output ends at the end token once the JSON is complete; drop end_id")
     stop = [utf8(w, "stop_words") for w in req.stop_words if w]
     bad = [utf8(w, "bad_words") for w in req.bad_words if w]
-    vocab = tok.tokenizer.get_vocab_size(with_added_tokens=True)
-    if req.end_id is not None and not (req.end_id == -1 or 0 <= req.end_id < vocab):
+    if req.end_id is not None and not (req.end_id == -1 or 0 <= req.end_id < tok.vocab_size):
         raise RequestError(f"end_id {req.end_id} is not a token id of this model (-1: never stop at an end token)")
-    if req.pad_id is not None and not 0 <= req.pad_id < vocab:
+    if req.pad_id is not None and not 0 <= req.pad_id < tok.vocab_size:
         raise RequestError(f"pad_id {req.pad_id} is not a token id of this model")
 
     def one(value, dtype):

@@ -70,6 +70,12 @@ class ModelTokenizer:
         return value
 
     @cached_property
+    def vocab_size(self) -> int:
+        """Token ids of this model are below this (added tokens included). Cached: tokenizers builds
+        the whole vocabulary on every call (5-25 ms for a 49k vocabulary)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
     def eos_token_id(self) -> int:
         eos = self._id_of("eos_token_id", "eos_token")
         if eos is None:

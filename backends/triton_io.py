@@ -7,9 +7,12 @@ never crashes a model or leaks internals.
 
 from __future__ import annotations
 
+import collections
 import json
+import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -61,9 +64,23 @@ def array(request, name: str) -> np.ndarray | None:
     return _array(request, name)
 
 
-def tensors(values: dict[str, np.ndarray], batch: bool = True) -> list:
-    """Output tensors; `batch` adds the leading batch dimension of 1 (max_batch_size > 0)."""
-    return [pb_utils.Tensor(k, v[np.newaxis, ...] if batch else v) for k, v in values.items()]
+def requested_outputs(request) -> frozenset[str] | None:
+    """The outputs the request asked for (Triton fills in every output when a client names none);
+    None where the request cannot say (then every output is sent)."""
+    names = getattr(request, "requested_output_names", None)
+    try:
+        return frozenset(names()) or None if names else None    # none named (HTTP generate): all
+    except Exception:
+        return None
+
+
+def tensors(values: dict[str, np.ndarray], batch: bool = True, only: frozenset[str] | None = None) -> list:
+    """Output tensors; `batch` adds the leading batch dimension of 1 (max_batch_size > 0). `only`
+    (requested_outputs) leaves out what the request did not ask for: Triton 2.51's response sender
+    drops those itself, with the GIL released, destroying their NumPy arrays without it (see
+    exec_decoupled), so they are never made."""
+    return [pb_utils.Tensor(k, v[np.newaxis, ...] if batch else v) for k, v in values.items()
+            if only is None or k in only]
 
 
 def error_response(message: str, internal: bool = False):
@@ -89,3 +106,73 @@ def is_cancelled(request) -> bool:
         return bool(check()) if check else False
     except Exception:
         return True
+
+
+# -- decoupled BLS calls ---------------------------------------------------------------------------
+# Triton 2.51's Python backend (python_backend r24.10) keeps each decoupled BLS call's response
+# iterator, holding every response it returned, in a map of the stub's that its C++ utils thread
+# erases after the last response (Stub::SendCleanupId). Whichever of that erase and Python's last
+# reference comes second destroys the responses; on the C++ thread that frees their tensors' NumPy
+# arrays without the GIL (r24.12 fixed it: ~PbTensor takes the GIL, python_backend #390), which
+# corrupts the stub's heap while other threads run Python: a segfault in libpython, or "malloc():
+# unaligned fastbin chunk detected". Several streams that hang up at once make the utils thread
+# late (cancellation checks, logs, cleanups queue on it) and Python's reference the first to go.
+# So every iterator is kept HELD_SECONDS after its last response, well past the erase, and then
+# dropped by Python, with the GIL.
+HELD_SECONDS = 10.0
+_held: collections.deque = collections.deque()     # (time.monotonic(), finished response iterator)
+_held_lock = threading.Lock()
+_reaper: threading.Thread | None = None      # drops, every HELD_SECONDS / 2, what a quiet model holds
+
+
+def _expire(now: float) -> None:
+    expired = []
+    with _held_lock:
+        while _held and now - _held[0][0] > HELD_SECONDS:
+            expired.append(_held.popleft())
+    expired.clear()     # destroyed here, outside the lock, with the GIL
+
+
+def _reap() -> None:
+    while True:
+        time.sleep(HELD_SECONDS / 2)
+        _expire(time.monotonic())
+
+
+def _hold(responses) -> None:
+    global _reaper
+    now = time.monotonic()
+    with _held_lock:
+        _held.append((now, responses))
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap, name="bls-iterator-reaper", daemon=True)
+            _reaper.start()
+    _expire(now)
+
+
+def release_held() -> None:
+    """Drop every held iterator: for finalize (the stub has emptied its map by then)."""
+    with _held_lock:
+        items = list(_held)
+        _held.clear()
+    items.clear()
+
+
+def exec_decoupled(request) -> Iterator:
+    """The responses of request.exec(decoupled=True). A caller that stops early (an error, a
+    break) waits for the rest here, as the iterator itself would when destroyed; the iterator is
+    then held (see above) instead of being left to the stub's C++ thread."""
+    responses = request.exec(decoupled=True)
+    done = False
+    try:
+        yield from responses
+        done = True
+    finally:
+        try:
+            while not done:     # next(), not `for`: iter() on a finished iterator starts it over
+                try:
+                    next(responses)
+                except StopIteration:
+                    done = True
+        finally:
+            _hold(responses)

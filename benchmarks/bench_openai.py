@@ -1,8 +1,11 @@
 """What the OpenAI API costs: tokens/s through /v1/chat/completions against Triton's own
 /v2/models/<m>/generate (same messages, same chat template, same engine) at 1 and 8 clients, and
 time to first token through /v1 (stream) against /v2 generate_stream. Both paths go through the
-same `serve` (nginx with API keys on: /v1 via the gateway, /v2 via nginx's key check), in the same
-run, rounds interleaved; figures are medians of the rounds.
+same `serve` (nginx with API keys on: /v1 via the gateway, /v2 via nginx's key check and the
+gateway's relay), in the same run, rounds interleaved; figures are medians of the rounds. Since /v2 inference also passes the
+gateway (its relay holds the deployment and applies the queue bound), this compares the OpenAI
+framing against Triton's own API over the same hops; bench_request_path.py measures each hop
+against Triton's own port.
 
 Goals (issue 15): under 5% throughput loss at 8 clients, under 10 ms added to time to first token.
 Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_openai.py --benchmark-only -s)

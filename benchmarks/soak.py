@@ -1,11 +1,13 @@
 """Soak: 8 mixed clients against a real `serve` for SOAK_SECONDS (default 600), then a report.
 
-Each client loops over a fixed mix: chat completions, streamed chat completions, embeddings, and
+Each client loops over a fixed mix: chat completions, streamed chat completions, embeddings, Triton's
+own /v2 generate (through the gateway's relay), and
 client mistakes (an unknown model, a bad max_tokens, a missing key) whose 4xx is the expected
 answer. Every request is checked against what it should get; anything else is an unexpected error
 (goal: none). Latency p50/p99 per kind is reported for each time window, and the resident memory of
 every process of the serve (serve itself, tritonserver, each Python stub, the gateway, nginx) at
-the end of warm-up (the first window) and at the end (goal: under 5% growth).
+the end of every window from warm-up (the first window) on (goal: under 5% growth; the growth over
+the second half tells a leak, which keeps growing, from a cache that fills up).
 
 Not part of `make test` or `make bench`: `make soak` (SOAK_SECONDS=60 make soak for a short run), or
 `.venv/bin/python -m benchmarks.soak --seconds 60` from the repository root.
@@ -38,10 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 LLM, EMBEDDING = "smollm2-135m-instruct:int8", "all-minilm-l6-v2:int8"
 CLIENTS = 8
-MIX = ("chat", "chat_stream", "embeddings", "chat", "chat_stream", "embeddings", "bad_model", "bad_max_tokens",
-       "no_key")
-EXPECTED = {"chat": 200, "chat_stream": 200, "embeddings": 200, "bad_model": 404, "bad_max_tokens": 400,
-            "no_key": 401}
+MIX = ("chat", "chat_stream", "embeddings", "chat", "v2_generate", "chat_stream", "embeddings", "bad_model",
+       "bad_max_tokens", "no_key")
+EXPECTED = {"chat": 200, "chat_stream": 200, "embeddings": 200, "v2_generate": 200, "bad_model": 404,
+            "bad_max_tokens": 400, "no_key": 401}
+V2_MODEL = LLM.replace(":", "-")         # the deployment's ensemble, Triton's own /v2 API (through the relay)
 TOPICS = ("a lighthouse", "tea", "a robot", "Mars", "jazz", "a cat", "an oak tree", "bread")
 
 
@@ -76,6 +79,11 @@ def one_request(client: httpx.Client, url: str, key: str, kind: str, i: int) -> 
                         json={"model": EMBEDDING, "input": [f"sentence {i} about {t}" for t in TOPICS]})
         ok = r.status_code != 200 or len(r.json()["data"]) == len(TOPICS)
         return (r.status_code if ok else "wrong count"), r.text[:200] if r.status_code != 200 else ""
+    if kind == "v2_generate":
+        r = client.post(f"{url}/v2/models/{V2_MODEL}/generate", headers=auth,
+                        json={"messages": json.dumps(chat["messages"]), "max_tokens": 48})
+        ok = r.status_code != 200 or bool(r.json()["text_output"])
+        return (r.status_code if ok else "empty answer"), r.text[:200] if r.status_code != 200 else ""
     if kind == "bad_model":
         r = client.post(f"{url}/v1/chat/completions", json={**chat, "model": "no-such-model:int8"}, headers=auth)
     elif kind == "bad_max_tokens":
@@ -138,18 +146,25 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def report(samples: list[Sample], seconds: float, window: float, rss_start: dict[str, int],
-           rss_end: dict[str, int]) -> dict:
+LATENCY_KINDS = ("chat", "chat_stream", "v2_generate", "embeddings")
+
+
+def report(samples: list[Sample], seconds: float, window: float, rss: list[dict[str, int]]) -> dict:
+    """`rss`: every process's resident bytes at the end of each window from warm-up on; growth is
+    reported from warm-up to the end and over the second half (a leak keeps growing there, a
+    cache that fills up does not)."""
+    rss_start, rss_middle, rss_end = rss[0], rss[len(rss) // 2], rss[-1]
     unexpected = [s for s in samples if s.status != EXPECTED[s.kind]]
     windows = []
     for w in range(int(seconds // window) + (1 if seconds % window else 0)):
         inside = [s for s in samples if w * window <= s.at < (w + 1) * window and s.status == EXPECTED[s.kind]]
         row = {"from_s": w * window, "requests": len(inside)}
-        for kind in ("chat", "chat_stream", "embeddings"):
+        for kind in LATENCY_KINDS:
             lat = [s.seconds * 1000 for s in inside if s.kind == kind]
             row[kind] = {"p50_ms": round(percentile(lat, 0.5), 1), "p99_ms": round(percentile(lat, 0.99), 1)}
         windows.append(row)
     growth = {n: round(100.0 * (rss_end.get(n, 0) - v) / v, 2) for n, v in rss_start.items() if v}
+    second_half = {n: round(100.0 * (rss_end.get(n, 0) - v) / v, 2) for n, v in rss_middle.items() if v}
     return {
         "machine": cpu_description(), "seconds": seconds, "clients": CLIENTS, "requests": len(samples),
         "by_kind": dict(Counter(s.kind for s in samples)),
@@ -162,6 +177,8 @@ def report(samples: list[Sample], seconds: float, window: float, rss_start: dict
         "rss_mib_end": {n: round(v / 2**20, 1) for n, v in rss_end.items()},
         "rss_growth_percent": growth,
         "max_rss_growth_percent": max(growth.values(), default=0.0),
+        "rss_growth_second_half_percent": second_half,
+        "rss_mib_by_window": {n: [round(sample.get(n, 0) / 2**20, 1) for sample in rss] for n in rss_start},
     }
 
 
@@ -169,14 +186,15 @@ def print_report(r: dict) -> None:
     print(f"\nsoak: {r['requests']} requests in {r['seconds']:.0f} s by {r['clients']} clients on {r['machine']}")
     print(f"unexpected errors: {r['unexpected_errors']}  {r['errors_by_kind'] or ''}")
     print(f"expected client errors (4xx asked for): {r['expected_client_errors']}")
-    print(f"{'window':>8} {'requests':>8}  " + "  ".join(f"{k + ' p50/p99 ms':>26}" for k in ("chat", "chat_stream",
-                                                                                           "embeddings")))
+    print(f"{'window':>8} {'requests':>8}  " + "  ".join(f"{k + ' p50/p99 ms':>26}" for k in LATENCY_KINDS))
     for w in r["windows"]:
-        cells = "  ".join(f"{w[k]['p50_ms']:>12} / {w[k]['p99_ms']:<11}" for k in ("chat", "chat_stream", "embeddings"))
+        cells = "  ".join(f"{w[k]['p50_ms']:>12} / {w[k]['p99_ms']:<11}" for k in LATENCY_KINDS)
         print(f"{w['from_s']:>7.0f}s {w['requests']:>8}  {cells}")
-    print("RSS MiB (after warm-up -> end, growth %):")
+    print("RSS MiB (after warm-up -> end, growth %; growth over the second half):")
     for name, start in r["rss_mib_after_warmup"].items():
-        print(f"  {name:<48} {start:>8} -> {r['rss_mib_end'].get(name, 0):>8}  {r['rss_growth_percent'].get(name, 0):+.2f}%")
+        growth, second_half = r["rss_growth_percent"], r["rss_growth_second_half_percent"]
+        print(f"  {name:<48} {start:>8} -> {r['rss_mib_end'].get(name, 0):>8}  "
+              f"{growth.get(name, 0):+.2f}%   {second_half.get(name, 0):+.2f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,11 +222,14 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         time.sleep(min(window, args.seconds))          # warm-up: the first window
         named = processes(serve.process.pid)
-        rss_start = memory(named)
+        rss = [memory(named)]
+        while (left := until - time.monotonic()) > 1.0:
+            time.sleep(min(window, left))
+            rss.append(memory(named))
         for t in threads:
             t.join()
-        rss_end = memory(named)
-        result = report(samples, args.seconds, window, rss_start, rss_end)
+        rss.append(memory(named))
+        result = report(samples, args.seconds, window, rss)
     finally:
         serve.stop()
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """CPU engine (decoupled): tensorrtllm's tensor interface over an openvino-genai
 ContinuousBatchingPipeline. `execute` only enqueues; the engine's thread answers."""
 
+import gc
 import time
 from pathlib import Path
 
@@ -77,6 +78,7 @@ class TritonPythonModel:
         sender = r.get_response_sender()
 
         key = r.request_id()
+        outputs = io.requested_outputs(r)
 
         def on_tokens(new_ids, final, reason):
             if final:
@@ -90,10 +92,10 @@ class TritonPythonModel:
                 sender.send(io.error_response(request.refusal), flags=FINAL)
                 return
             out = np.asarray(new_ids, dtype=np.int32).reshape(1, 1, -1)
-            response = pb_utils.InferenceResponse([
-                pb_utils.Tensor("output_ids", out),
-                pb_utils.Tensor("sequence_length", np.array([[len(new_ids)]], dtype=np.int32)),
-            ])
+            response = pb_utils.InferenceResponse(io.tensors({
+                "output_ids": out,
+                "sequence_length": np.array([[len(new_ids)]], dtype=np.int32),
+            }, batch=False, only=outputs))
             sender.send(response, flags=FINAL if final else 0)
 
         end_id = io.scalar(r, "end_id", int)
@@ -135,3 +137,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.engine.shutdown()
+        # A request's callback refers to its GenerationRequest (a cycle holding the Triton request
+        # and its sender): collected now, while the stub's shared memory is still mapped, not by
+        # the interpreter's teardown after it is gone (a segfault on every unload).
+        gc.collect()

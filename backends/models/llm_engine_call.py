@@ -41,7 +41,7 @@ class TritonPythonModel:
         inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=np.bool_)))
         call = pb_utils.InferenceRequest(model_name=self.engine, inputs=inputs, requested_output_names=OUTPUTS)
         answer = None
-        for response in call.exec(decoupled=True):
+        for response in io.exec_decoupled(call):   # held past the stub's cleanup (triton_io)
             if response.has_error():
                 return io.error_response(response.error().message())
             if response.output_tensors():
@@ -64,3 +64,6 @@ class TritonPythonModel:
         for r in requests:
             threading.Thread(target=self._run, args=(r,), daemon=True).start()
         return None
+
+    def finalize(self):
+        io.release_held()

@@ -24,14 +24,14 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 PRE_OUTPUTS = [t.name for t in contract.PREPROCESSING_OUTPUTS]
 
 
-def _response(chunk, prompt_tokens, notice):
+def _response(chunk, prompt_tokens, notice, outputs):
     return pb_utils.InferenceResponse(io.tensors({
         "text_output": np.array([chunk.text.encode()], dtype=object),
         "prompt_tokens": np.array([prompt_tokens], dtype=np.int32),
         "completion_tokens": np.array([chunk.completion_tokens], dtype=np.int32),
         "finish_reason": np.array([chunk.finish_reason.encode()], dtype=object),
         "notice": np.array([notice], dtype=object),
-    }))
+    }, only=outputs))
 
 
 class TritonPythonModel:
@@ -57,7 +57,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("stop", np.array([[True]], dtype=np.bool_))])
-        for _ in stop.exec(decoupled=True):
+        for _ in io.exec_decoupled(stop):
             pass
 
     def _serve(self, r, sender) -> None:
@@ -67,12 +67,13 @@ class TritonPythonModel:
                             int(pre["REQUEST_OUTPUT_LEN"].reshape(-1)[0]), stops)
         prompt_tokens = int(pre["PROMPT_TOKENS"].reshape(-1)[0])
         notice = pre["NOTICE"].reshape(-1)[0]
+        outputs = io.requested_outputs(r)
         key = f"stream-{uuid.uuid4().hex}"
         call = pb_utils.InferenceRequest(
             model_name=self.engine, request_id=key, requested_output_names=["output_ids", "sequence_length"],
             inputs=[pb_utils.Tensor(engine, pre[name]) for name, engine in contract.PREPROCESSING_TO_ENGINE.items()])
         ended = ""      # why the engine request was stopped early: the rest of its responses is drained
-        for response in call.exec(decoupled=True):
+        for response in io.exec_decoupled(call):
             if response.has_error():
                 raise RequestError(response.error().message())
             if not ended and io.is_cancelled(r):
@@ -86,7 +87,7 @@ class TritonPythonModel:
             ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1)[:length].tolist()
             chunk = stream.add(ids)
             if chunk.text:
-                sender.send(_response(chunk, prompt_tokens, notice))
+                sender.send(_response(chunk, prompt_tokens, notice, outputs))
             if stream.stopped:
                 self._stop_engine(key)
                 ended = "stop string"
@@ -100,7 +101,7 @@ class TritonPythonModel:
                 pass
             return
         last = stream.end()
-        sender.send(_response(last, prompt_tokens, notice), flags=FINAL)
+        sender.send(_response(last, prompt_tokens, notice, outputs), flags=FINAL)
         self.metrics.answered(prompt_tokens, last.completion_tokens, last.finish_reason)
 
     def _run(self, r) -> None:
@@ -122,3 +123,6 @@ class TritonPythonModel:
         for r in requests:
             threading.Thread(target=self._run, args=(r,), daemon=True).start()
         return None
+
+    def finalize(self):
+        io.release_held()

@@ -144,6 +144,10 @@ class TritonServer:
             f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={backend_directory(self.cache_dir)}",
             "--model-control-mode=explicit",
+            # Every config.pbtxt is complete as built. With auto-complete on, Triton starts and stops
+            # an extra stub per Python model before its real one: ~1.2 s of every cold start
+            # (issue 16; measured, docs/serverless.md).
+            "--disable-auto-complete-config",
             "--exit-timeout-secs=15",
             "--log-verbose=0",
         ]

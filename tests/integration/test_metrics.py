@@ -167,6 +167,7 @@ def test_every_series_matches_what_the_clients_received(deployment):
     assert total(s, http, route="/v1/chat/completions", code="400") == 2
     assert total(s, http, route="/v1/completions", code="200") == 1
     assert total(s, http, route="/v1/embeddings", code="200") == 1
+    assert total(s, http, route="/v2/models/{model}/{action}", code="200") == 1     # the gateway's /v2 relay
     assert total(s, "serverless_triton_request_errors_total", model=LLM, reason="client error") == 2
     assert total(s, "serverless_triton_cold_starts_total", model=LLM) == 1
     assert total(s, "serverless_triton_cold_start_seconds_count", model=LLM) == 1

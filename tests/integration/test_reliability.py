@@ -10,11 +10,13 @@ that left would show as seconds of CPU, not a fraction of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -37,7 +39,7 @@ from tests.support.reliability import (
 )
 from tests.support.serve import Serve, stop_serve
 
-pytestmark = pytest.mark.faults    # make test-faults (Makefile: why not in make test yet)
+pytestmark = pytest.mark.faults    # in make test; make test-faults runs only these
 
 NAME = "slow-llama"
 MODEL = f"{NAME}:fp32"
@@ -119,6 +121,19 @@ def ready(url: str) -> int | str:
         return httpx.get(f"{url}/v2/health/ready", timeout=5).status_code
     except httpx.HTTPError as e:
         return type(e).__name__
+
+
+def grpc_ready(serve: Serve) -> bool | str:
+    """gRPC ServerReady through nginx: the gateway's relay answers it (not Triton alone)."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{serve.grpc}")
+    try:
+        return client.is_server_ready(client_timeout=5)
+    except InferenceServerException as e:
+        return str(e.status())
+    finally:
+        client.close()
 
 
 # -- hang-ups stop the engine ---------------------------------------------------------------------
@@ -240,21 +255,49 @@ def test_a_full_queue_answers_429_at_once_and_the_rest_is_answered(serve):
     assert rss_bytes(gateway) - rss_before < 64 << 20, "the gateway grew by more than 64 MiB"
 
 
-def test_a_full_queue_answers_grpc_with_resource_exhausted_at_once(serve):
-    """gRPC through the gateway's relay shares the deployment's bound with /v1."""
+@contextlib.contextmanager
+def at_the_bound(serve: Serve) -> Iterator[None]:
+    """Streaming clients fill the deployment's batch and queue for the duration of the block."""
     clients = StreamingClients(serve.url, MODEL, n=BATCH + QUEUE, max_tokens=300, timeout=120).start()
     try:
         deadline = time.monotonic() + 60
         while gateway_status(serve)["in_flight"] < BATCH + QUEUE:
             assert time.monotonic() < deadline, gateway_status(serve)
             time.sleep(0.1)
+        yield
+    finally:
+        clients.stop()
+
+
+def test_a_full_queue_answers_grpc_with_resource_exhausted_at_once(serve):
+    """gRPC through the gateway's relay shares the deployment's bound with /v1."""
+    with at_the_bound(serve):
         t0 = time.monotonic()
         with pytest.raises(InferenceServerException) as refused:
             grpc_infer(f"127.0.0.1:{serve.grpc}", LLM, text_input="Once upon a time", max_tokens=4)
         assert time.monotonic() - t0 < 2
         assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "at capacity" in refused.value.message()
-    finally:
-        clients.stop()
+
+
+def test_a_full_queue_answers_v2_with_429_at_once_in_tritons_shape(serve):
+    """Triton's own /v2 generate goes through the gateway's relay too: the same bound, Triton's error shape."""
+    with at_the_bound(serve):
+        # the streams run back to back, so a slot is free for a moment whenever one ends: a call
+        # may slip in then; at the bound, the refusal is immediate
+        refused = None
+        for _ in range(5):
+            t0 = time.monotonic()
+            r = httpx.post(f"{serve.url}/v2/models/{LLM}/generate", json={"text_input": "Hi", "max_tokens": 4},
+                           timeout=60)
+            assert r.status_code in (200, 429), r.text
+            if r.status_code == 429:
+                refused = r
+                assert time.monotonic() - t0 < 2
+                break
+        assert refused is not None, "no /v2 call was refused at the bound in 5 tries"
+        assert refused.headers["retry-after"] == "1" and "at capacity" in refused.json()["error"]
+    r = httpx.post(f"{serve.url}/v2/models/{LLM}/generate", json={"text_input": "Hi", "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200 and r.json()["completion_tokens"] >= 1
 
 
 # -- pieces killed under load ---------------------------------------------------------------------
@@ -267,7 +310,7 @@ def kill_and_recover(serve: Serve, repository: Path, victim: str) -> tuple[list,
     else:
         pid = pieces(serve.process.pid)[victim]
     os.kill(pid, signal.SIGKILL)
-    seen = [ready(serve.url) for _ in range(3)]
+    seen = [(ready(serve.url), grpc_ready(serve)) for _ in range(3)]
     wait_answered(serve.url)
     time.sleep(2)                                  # a few whole streams after recovery
     return clients.stop(), seen
@@ -282,11 +325,17 @@ def test_a_killed_piece_recovers_and_every_client_gets_an_answer_or_an_error(ser
     assert late == [], f"requests outlived the client timeout: {late}"
     assert any(o.kind == "ok" for o in outcomes), f"no stream was answered: {outcomes}"
     if victim != "nginx":           # nginx's workers outlive a killed master and keep answering
-        assert any(s != 200 for s in seen), f"readiness stayed 200 while the {victim} was down: {seen}"
+        assert any(h != 200 for h, _ in seen), f"readiness stayed 200 while the {victim} was down: {seen}"
+        assert any(g is not True for _, g in seen), f"gRPC ServerReady stayed true while the {victim} was down: {seen}"
     if victim == "engine stub":
         failed = [o for o in outcomes if o.kind != "ok"]
         assert all("service_unavailable" in o.detail or o.kind.startswith("http 503") for o in failed), failed
     assert ready(serve.url) == 200
+    deadline = time.monotonic() + 3            # the relay's channel reconnects within its 0.5 s back-off
+    while grpc_ready(serve) is not True:
+        assert time.monotonic() < deadline, f"gRPC ServerReady is {grpc_ready(serve)} after the {victim} came back"
+        time.sleep(0.2)
+    assert grpc_infer(f"127.0.0.1:{serve.grpc}", LLM, text_input="Once upon a time", max_tokens=4)
     assert answer(serve.url) == reference           # greedy: the same text as before the fault
     status = gateway_status(serve)                  # the gateway's view agrees with what Triton has loaded
     assert status["state"] == "loaded" and status["in_flight"] == 0, status

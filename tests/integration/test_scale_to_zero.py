@@ -44,7 +44,9 @@ def stubs_of(repository: Path, model: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def deployment(tiny_repository, tmp_path_factory):
-    dep = Serve(tiny_repository, tmp_path_factory.mktemp("serve-zero"), "--public", "--idle-timeout", str(IDLE))
+    # a queue wide enough for the 8 concurrent first requests (the tiny deployment's batch is small)
+    dep = Serve(tiny_repository, tmp_path_factory.mktemp("serve-zero"), "--public", "--idle-timeout", str(IDLE),
+                "--max-queue", "16")
     try:
         yield dep
     finally:
@@ -67,7 +69,9 @@ def wait_state(dep: Serve, state: str, timeout: float = 30) -> dict:
 
 
 def test_idle_unload_frees_the_stubs_and_a_request_wakes_it(deployment, tiny_repository):
-    assert states(deployment)[MODEL]["state"] == "loaded" and stubs_of(tiny_repository, f"{TRITON_MODEL}-engine")
+    # a request first: on a busy machine serve's start alone can outlast the idle timeout
+    assert deployment.generate(TRITON_MODEL, None).status_code == 200
+    assert stubs_of(tiny_repository, f"{TRITON_MODEL}-engine")
     wait_state(deployment, "unloaded", timeout=IDLE + 20)
     deadline = time.monotonic() + 10
     while stubs_of(tiny_repository, f"{TRITON_MODEL}-engine") or stubs_of(tiny_repository, f"{TRITON_MODEL}-stream"):

@@ -88,9 +88,9 @@ def test_rules_guard_every_route_and_realip_trusts_only_proxies(tmp_path, layout
     block = "allow 10.0.0.0/8;\n            allow 2001:db8::/32;\n            deny all;"
     routes = [loc for loc in conf.split("location ")[1:] if "proxy_pass http://gateway;" in loc
               or "proxy_pass http://triton_http;" in loc or "grpc_pass" in loc]
-    # HTTP: Triton, its health checks (and with a gateway: /v1 and the readiness check that asks it
-    # too); gRPC: calls and health checks
-    assert len(routes) == (6 if layout.gateway else 4) and all(block in loc for loc in routes)
+    # HTTP: Triton, its health checks (and with a gateway: /v1, the /v2 inference relay and the
+    # readiness check that asks it too); gRPC: calls and health checks
+    assert len(routes) == (7 if layout.gateway else 4) and all(block in loc for loc in routes)
     assert "set_real_ip_from 192.0.2.10;" in conf
     assert "real_ip_header X-Forwarded-For;" in conf and "real_ip_recursive on;" in conf
     assert str(tmp_path) in conf and "/var/log/nginx" not in conf and "/run/" not in conf

@@ -90,6 +90,9 @@ def test_a_failed_load_answers_503_with_retry_after_and_backs_off(tmp_path, trit
         nginx = client.get("/auth?via=nginx", headers={"X-Original-URI": "/v2/models/tiny-int8/generate"})
         assert nginx.status_code == 401 and nginx.headers["X-Auth-Error"] == "service_unavailable"
         assert int(nginx.headers["Retry-After"]) >= 1
+        relayed = client.post("/v2/models/tiny-int8/generate", json={"text_input": "Hi", "max_tokens": 2})
+        assert relayed.status_code == 503 and int(relayed.headers["Retry-After"]) >= 1      # the /v2 relay:
+        assert "not enough memory" in relayed.json()["error"]                               # Triton's shape
 
 
 @pytest.mark.parametrize("uri,model", [

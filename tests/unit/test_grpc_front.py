@@ -42,3 +42,40 @@ def test_hop_headers_stay_and_the_call_metadata_goes_on():
                                                        ("triton-request-id", "7")]]
     assert forwarded_metadata(md) == (("authorization", "Bearer k"), ("triton-request-id", "7"))
     assert forwarded_metadata(None) == ()
+
+
+def test_server_ready_is_false_while_a_deployment_is_reloading_and_relayed_otherwise():
+    """A real relay on a free port: ready=false comes from the gateway while Lifecycle.unready() names
+    a deployment; otherwise the call goes on to Triton (here: nothing listens, so UNAVAILABLE)."""
+    import asyncio
+    import socket
+
+    import grpc
+
+    from builder.serve.gateway.grpc_front import GrpcFront
+
+    async def scenario() -> tuple[bool, grpc.StatusCode]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]          # closed again: nothing listens there
+        reloading: list[str] = ["m:int8"]
+        front = GrpcFront(f"127.0.0.1:{dead}", lambda _: None, lambda: list(reloading))
+        await front.start(port)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(SERVICE + "ServerReady",
+                                           request_serializer=service_pb2.ServerReadyRequest.SerializeToString,
+                                           response_deserializer=service_pb2.ServerReadyResponse.FromString)
+                answer = await call(service_pb2.ServerReadyRequest(), timeout=10)
+                reloading.clear()
+                with pytest.raises(grpc.aio.AioRpcError) as relayed:
+                    await call(service_pb2.ServerReadyRequest(), timeout=10)
+                return answer.ready, relayed.value.code()
+        finally:
+            await front.stop(0)
+
+    ready, relayed = asyncio.run(scenario())
+    assert ready is False and relayed == grpc.StatusCode.UNAVAILABLE

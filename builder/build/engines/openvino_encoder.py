@@ -153,6 +153,20 @@ def measure_accuracy(reference: Path, engine_dir: Path, tokenizer: emb.Embedding
             "sentences": len(ACCURACY_SENTENCES), **figures, "floor": floor}
 
 
+def write_compiled(engine_dir: Path, tokenizer: emb.EmbeddingTokenizer, compute: str) -> bool:
+    """The encoder compiled for this host beside its IR (backends.embedding.COMPILED_BLOB), kept only
+    when the imported blob gives the same token embeddings as a fresh compile, bit for bit."""
+    xml = Path(engine_dir) / ov_common.MODEL_XML
+    emb.export_compiled(xml, compute)
+    feeds = tokenizer.encode(list(ACCURACY_SENTENCES[:8]))
+    imported = emb.OpenVinoEncoder(xml, compute)
+    if imported.imported and np.array_equal(imported(feeds), emb.OpenVinoEncoder(xml, compute, use_compiled=False)(feeds)):
+        return True
+    for name in (emb.COMPILED_BLOB, emb.COMPILED_KEY):
+        (Path(engine_dir) / name).unlink(missing_ok=True)
+    return False
+
+
 def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int, engine_dir: Path) -> dict:
     import openvino as ov
 
@@ -191,6 +205,8 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
     tokenizer = emb.EmbeddingTokenizer(Tokenizer.from_file(str(Path(ckpt.hf_dir) / "tokenizer.json")), config)
     with job.step("measuring accuracy against fp32"):
         accuracy = measure_accuracy(reference, work, tokenizer, precision)
+    with job.step("compiling the encoder for this host (loads import it instead of compiling)"):
+        write_compiled(work, tokenizer, COMPUTE[precision])
     info = engine_info(precision, config, spec.max_batch_size, work)
     models = job.writer.write_embedding_models(dep, ckpt.hf_dir, config, work, spec.max_batch_size, COMPUTE[precision])
     return BuiltDeployment(models, {"infer": dep.embedding}, info, accuracy)

@@ -24,6 +24,7 @@ from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
 from builder.build.engines import openvino_memory, openvino_runtime
 from builder.build.engines.openvino_common import (
+    MODEL_BIN,
     MODEL_XML,
     PYTHON_MODEL_BYTES,
     cached_export,
@@ -109,6 +110,42 @@ def engine_info(precision: str, context_size: int, max_batch_size: int, engine_d
     }
 
 
+def preoptimize(engine_dir: Path, ids: list[int], precision: str) -> bool:
+    """Run OpenVINO's MOC transformations (what every compile_model starts with) on the engine's IR
+    once, at build time: each load's compile inside the continuous-batching pipeline then has less
+    to rewrite (SmolLM2-135M int8: 1.02 s -> 0.92 s, issue 16). The pipeline's compiled model cannot
+    be cached instead: OpenVINO 2026.4's CPU plugin cannot import a PagedAttention model it exported
+    ("Runtime info k_head_size and num_k_heads are required"), so CACHE_DIR only rewrites the blob
+    on every load. Kept only when the logits stay bit-identical, at f32 and at the fastest
+    setting this host's class may choose, and the weights grow by at most 1%; otherwise the IR is left as is."""
+    import os
+    import shutil
+
+    import openvino as ov
+    from openvino._offline_transformations import apply_moc_transformations
+
+    from backends.cpu_isa import host_isa_class
+    from backends.cpu_runtime import REFERENCE, candidates
+
+    engine_dir = Path(engine_dir)
+    tmp = engine_dir / ".preoptimized"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = ov.Core().read_model(engine_dir / MODEL_XML)
+    apply_moc_transformations(model, cf=True)
+    tmp.mkdir()
+    ov.save_model(model, tmp / MODEL_XML, compress_to_fp16=False)
+    del model
+    settings = {REFERENCE, candidates(host_isa_class(), precision)[0]}
+    same = (tmp / MODEL_BIN).stat().st_size <= 1.01 * (engine_dir / MODEL_BIN).stat().st_size and all(
+        np.array_equal(openvino_runtime.logits(engine_dir, ids, s), openvino_runtime.logits(tmp, ids, s))
+        for s in settings)
+    if same:   # replace the files (never write through: fp32's are hard links to the cached reference)
+        for name in (MODEL_XML, MODEL_BIN):
+            os.replace(tmp / name, engine_dir / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return same
+
+
 # -- the engine target ------------------------------------------------------------------------
 
 LLM_PYTHON_MODELS = 5      # preprocessing, postprocessing, engine, engine call, stream
@@ -139,8 +176,10 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
     work = job.staging / ".work" / dep.llm_engine
     with job.step(f"deriving the {job.precision} engine ({quantization_of(job.precision)})"):
         derive(reference, job.precision, work)
+    ids = ModelTokenizer.load(job.ckpt.hf_dir).encode(ACCURACY_TEXT)
+    with job.step("pre-optimizing the IR for faster loads (kept only if the logits stay bit-identical)"):
+        preoptimize(work, ids, job.precision)
     with job.step("measuring accuracy against fp32"):
-        ids = ModelTokenizer.load(job.ckpt.hf_dir).encode(ACCURACY_TEXT)
         accuracy = measure_accuracy(reference, work, ids, job.precision)
     with job.step("choosing runtime settings per CPU class (each measured against fp32)"):
         runtime = openvino_runtime.measure_settings(reference, work, ids, job.precision)

@@ -1,8 +1,9 @@
 """The gateway app: `create_app(GatewayConfig)` wires the routes, errors, limits and keys.
 
 Routes: /v1/models, /v1/chat/completions, /v1/completions, /v1/embeddings (a key on each unless
-public), GET /auth for nginx's auth_request in front of Triton's /v2 HTTP and gRPC APIs, and an
-open GET /health for the supervisor.
+public), Triton's /v2 inference routes relayed with the deployment held (gateway/v2_relay.py),
+GET /auth for nginx's auth_request in front of Triton's /v2 HTTP and gRPC APIs, and an open
+GET /health for the supervisor.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from builder.serve.gateway import chat, completions, embeddings, models
+from builder.serve.gateway import chat, completions, embeddings, models, v2_relay
 from builder.serve.gateway.auth import KeyGuard
 from builder.serve.gateway.config import GatewayConfig
 from builder.serve.gateway.deployments import Catalog
@@ -91,7 +92,7 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
         with contextlib.suppress(Exception):    # Triton not reachable yet: learned at the first request
             await gw.lifecycle.sync()
         sweeper = asyncio.create_task(gw.lifecycle.run())   # idle unloads, dead stubs, a restarted Triton
-        relay = GrpcFront(config.triton_grpc, gw.triton.hold) if config.grpc_port else None
+        relay = GrpcFront(config.triton_grpc, gw.triton.hold, gw.lifecycle.unready) if config.grpc_port else None
         if relay:
             await relay.start(config.grpc_port)
         try:
@@ -110,7 +111,7 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
                   openapi_url=None)
     app.state.gateway = gw
     install_handlers(app)
-    for module in (models, chat, completions, embeddings):
+    for module in (models, chat, completions, embeddings, v2_relay):
         app.include_router(module.router)
 
     @app.get("/auth", include_in_schema=False)
@@ -169,6 +170,6 @@ def create_app(config: GatewayConfig, transport: httpx.AsyncBaseTransport | None
     async def health() -> JSONResponse:
         return JSONResponse({"status": "ok", "deployments": len(gw.catalog.all())})
 
-    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes, exempt="/v2/")   # tensors: Triton's business
     app.add_middleware(CountRequests, metrics=gw.metrics)     # outermost: counts the body limit's 413s too
     return app

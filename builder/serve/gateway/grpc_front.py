@@ -7,6 +7,8 @@ as raw bytes (no re-encoding); only the first message of each call for ModelInfe
 ModelMetadata and ModelConfig is parsed, for its model name. A deployment that cannot be loaded
 answers UNAVAILABLE with the reason (never a hang, never Triton's bare "unknown model"); readiness
 (ModelReady, and the server-wide calls) passes through without waking anything, as /v2 .../ready does.
+ServerReady is answered `ready: false` here while a deployment is being reloaded after its stub
+died (Triton itself keeps saying READY), as nginx's /v2/health/ready is 503 then.
 """
 
 from __future__ import annotations
@@ -37,9 +39,16 @@ _NAMED: dict[str, tuple[type, str]] = {
 # gRPC's own and HTTP/2's headers are the channel's business, not the call's
 _HOP_HEADERS = (":", "grpc-", "user-agent", "content-type", "te")
 UNLIMITED = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+# After Triton restarts (serve's supervision), the channel must find it again at once: gRPC's default
+# reconnect back-off grows to minutes, during which every relayed call fails UNAVAILABLE.
+RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+             ("grpc.max_reconnect_backoff_ms", 500)]
 
+SERVER_READY = SERVICE + "ServerReady"
 # deployment for a Triton model name -> async context that holds it loaded (WakingTriton.serving_model)
 Holder = Callable[[str], AbstractAsyncContextManager | None]
+# the deployments that cannot serve now although Triton says READY (Lifecycle.unready)
+Unready = Callable[[], list[str]]
 
 
 def model_named(method: str, message: bytes) -> str | None:
@@ -78,13 +87,13 @@ class _Held:
 class GrpcFront:
     """`start(port)` serves on 127.0.0.1:port; `upstream` is Triton's gRPC host:port."""
 
-    def __init__(self, upstream: str, hold: Holder):
-        self.upstream, self.hold = upstream, hold
+    def __init__(self, upstream: str, hold: Holder, unready: Unready = list):
+        self.upstream, self.hold, self.unready = upstream, hold, unready
         self.channel: grpc.aio.Channel | None = None
         self.server: grpc.aio.Server | None = None
 
     async def start(self, port: int, host: str = "127.0.0.1") -> None:
-        self.channel = grpc.aio.insecure_channel(self.upstream, options=UNLIMITED)
+        self.channel = grpc.aio.insecure_channel(self.upstream, options=UNLIMITED + RECONNECT)
         self.server = grpc.aio.server(options=UNLIMITED)
         self.server.add_generic_rpc_handlers((_Relay(self),))
         if not self.server.add_insecure_port(f"{host}:{port}"):
@@ -99,6 +108,9 @@ class GrpcFront:
 
     async def relay(self, method: str, requests: AsyncIterator[bytes],
                     context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        if method == SERVER_READY and self.unready():
+            yield service_pb2.ServerReadyResponse(ready=False).SerializeToString()
+            return
         held = _Held(self.hold)
         call = None
         refused: list[tuple[grpc.StatusCode, str]] = []   # why a later message of a stream was not served

@@ -23,8 +23,10 @@ def _too_large(limit: int) -> tuple[dict[str, Any], bytes]:
 
 
 class BodyLimit:
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    """`exempt`: a path prefix whose bodies stream through unread and unlimited (the /v2 relay)."""
+
+    def __init__(self, app: ASGIApp, limit: int, exempt: str | None = None):
+        self.app, self.limit, self.exempt = app, limit, exempt
 
     async def _refuse(self, send: Send) -> None:
         start, body = _too_large(self.limit)
@@ -32,7 +34,7 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.exempt and scope.get("path", "").startswith(self.exempt)):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])

@@ -9,13 +9,13 @@ Triton's answers are turned into `ApiError`s here, so the routers only see OpenA
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import httpx
 import numpy as np
 
@@ -78,11 +78,18 @@ class TritonStream:
         return None
 
     async def aclose(self) -> None:
-        """Close the connection (Triton's streaming model sees a departed client and stops). Bounded:
-        after a read cancelled because the stub behind it died, closing can wait forever, and the
-        client would never get its error event."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._response.aclose(), CLOSE_TIMEOUT)
+        """Close the connection (Triton's streaming model sees a departed client and stops)."""
+        await close_response(self._response)
+
+
+async def close_response(response: httpx.Response) -> None:
+    """Close a streamed answer's connection, which is how Triton learns that the client left.
+    Shielded: it runs while the request's task is being cancelled (the client hung up, Starlette
+    cancels the response), and an unshielded close is cancelled at its first await, leaving the
+    connection open and the engine generating for nobody. Bounded: after a read cancelled because
+    the stub behind it died, closing can wait forever, and the client would never get its error."""
+    with anyio.CancelScope(shield=True), anyio.move_on_after(CLOSE_TIMEOUT):
+        await response.aclose()
 
 
 class TritonClient:
@@ -132,6 +139,18 @@ class TritonClient:
             text = raw.decode("utf-8", "replace").strip()
             raise triton_error(response.status_code, _message(text.removeprefix("data:").strip().encode()), model)
         return TritonStream(response, model)
+
+    async def send_raw(self, path: str, headers: dict[str, str], content: bytes, model: str) -> httpx.Response:
+        """POST a client's own /v2 request and return Triton's answer unread, whatever its status:
+        the /v2 relay passes both through as they are."""
+        request = self._http.build_request("POST", path, headers=headers, content=content)
+        try:
+            return await self._http.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise ApiError(504, f"Triton did not answer within the gateway's timeout for {model}",
+                           type="server_error", code="timeout") from None
+        except httpx.TransportError as e:
+            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__}); retry shortly") from None
 
     async def config(self, model: str) -> dict[str, Any]:
         """The model's configuration, cached for CONFIG_TTL seconds (it changes only on a reload)."""
