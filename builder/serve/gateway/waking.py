@@ -5,7 +5,6 @@ until the stream is closed), so an idle unload never cuts it. Same methods as Tr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from collections.abc import Awaitable
 from contextlib import AbstractAsyncContextManager
@@ -20,6 +19,7 @@ from builder.serve.gateway.lifecycle import EngineDied, Lifecycle, NotServable, 
 from builder.serve.gateway.triton_client import TritonClient, TritonStream
 
 T = TypeVar("T")
+CANCEL_WAIT = 2.0      # seconds a cancelled call may take to wind down
 
 
 def tracked(deployments: list[Deployment], idle_timeout: float, idle_timeouts: dict[str, float],
@@ -50,10 +50,12 @@ async def unless_broken(call: Awaitable[T], d: Tracked) -> T:
     finally:
         if not task.done():
             task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            # bounded: a read cancelled because its stub died can hang in the connection's close
+            # (seen in CI: two streams silent until the client's timeout), and the client would
+            # never get its error
+            await asyncio.wait({task}, timeout=CANCEL_WAIT)
         waiter.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():
         raise EngineDied(f"a process serving {d.id} died while it ran this request; it is being reloaded: "
                          "retry in a few seconds", 5.0)
     return task.result()
