@@ -55,11 +55,8 @@ def served(tmp_path_factory):
     build([DeploymentSpec("smollm2-135m-instruct", precisions=["int8"], context_size=2048),
            DeploymentSpec("all-minilm-l6-v2", kind="embedding", precisions=["int8"])],
           BuildOptions(output=root / "repo", cache_dir=cache_root(), echo=lambda _: None))
-    serve = Serve(root / "repo", root, "--public", "--idle-timeout", "0")
-    try:
+    with Serve(root / "repo", root, "--public", "--idle-timeout", "0") as serve:
         yield serve
-    finally:
-        serve.stop()
 
 
 def _first_token_s(serve: Serve) -> float:

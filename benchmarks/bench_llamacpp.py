@@ -78,11 +78,8 @@ def ours(tmp_path_factory):
     repo = cache_root() / "bench" / "llamacpp-repo"      # kept: later runs find it up to date
     build([DeploymentSpec(NAME, precisions=["fp32", *OURS], context_size=1024, max_batch_size=32)],
           BuildOptions(output=repo, cache_dir=cache_root(), echo=lambda _: None))
-    serve = Serve(repo, root, "--idle-timeout", "0")
-    try:
+    with Serve(repo, root, "--idle-timeout", "0") as serve:
         yield serve, serve.create_key("bench")
-    finally:
-        serve.stop()
 
 
 @contextmanager

@@ -37,15 +37,8 @@ def serves(tmp_path_factory):
     build_default_int8(root / "repo")
     (root / "on").mkdir()
     (root / "off").mkdir()
-    on = Serve(root / "repo", root / "on")
-    try:
-        off = Serve(root / "repo", root / "off", "--no-metrics")
-        try:
-            yield {"on": (on, on.create_key("bench")), "off": (off, off.create_key("bench"))}
-        finally:
-            off.stop()
-    finally:
-        on.stop()
+    with Serve(root / "repo", root / "on") as on, Serve(root / "repo", root / "off", "--no-metrics") as off:
+        yield {"on": (on, on.create_key("bench")), "off": (off, off.create_key("bench"))}
 
 
 def _tokens_per_s(serve: Serve, key: str) -> float:

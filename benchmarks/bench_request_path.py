@@ -41,11 +41,8 @@ RESULTS: dict[str, object] = {}
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench-request-path")
     build_default_int8(root / "repo")
-    serve = Serve(root / "repo", root, "--idle-timeout", "0")
-    try:
+    with Serve(root / "repo", root, "--idle-timeout", "0") as serve:
         yield serve, serve.create_key("bench"), f"http://{StateDir(serve.state).read_layout().triton_http}"
-    finally:
-        serve.stop()
 
 
 def _call(client: httpx.Client, path: str, url: str, key: str, max_tokens: int) -> float:

@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
           BuildOptions(output=root / "repo", cache_dir=cache_root(), echo=print))
     run = root / f"run-{os.getpid()}"
     run.mkdir(parents=True, exist_ok=True)
-    serve = Serve(root / "repo", run, "--idle-timeout", "0")
-    try:
+    with Serve(root / "repo", run, "--idle-timeout", "0") as serve:
         key = serve.create_key("soak")
         samples: list[Sample] = []
         t0 = time.monotonic()
@@ -230,8 +229,6 @@ def main(argv: list[str] | None = None) -> int:
             t.join()
         rss.append(memory(named))
         result = report(samples, args.seconds, window, rss)
-    finally:
-        serve.stop()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print_report(result)

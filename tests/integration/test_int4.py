@@ -74,8 +74,7 @@ def _status(serve: Serve) -> str:
 
 
 def test_served_over_the_openai_api_and_scaled_to_zero(int4_repository, tmp_path):
-    serve = Serve(int4_repository, tmp_path, "--public", "--idle-timeout", str(IDLE))
-    try:
+    with Serve(int4_repository, tmp_path, "--public", "--idle-timeout", str(IDLE)) as serve:
         client = serve.openai("unused")
         assert MODEL in {m.id for m in client.models.list().data}
         answer = client.chat.completions.create(model=MODEL, max_tokens=24, temperature=0,
@@ -87,8 +86,6 @@ def test_served_over_the_openai_api_and_scaled_to_zero(int4_repository, tmp_path
             time.sleep(0.5)
         again = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
         assert again.choices[0].text.strip() and _status(serve) == "loaded"
-    finally:
-        serve.stop()
 
 
 def test_embeddings_refuse_int4_in_one_line(tmp_path):

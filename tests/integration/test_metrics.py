@@ -37,11 +37,8 @@ def repository(tmp_path_factory, build_cache, tiny_llama) -> Path:
 
 @pytest.fixture(scope="module")
 def deployment(repository, tmp_path_factory):
-    dep = Serve(repository, tmp_path_factory.mktemp("serve-metrics"))
-    try:
+    with Serve(repository, tmp_path_factory.mktemp("serve-metrics")) as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 def scrape(dep: Serve) -> str:

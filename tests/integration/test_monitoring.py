@@ -49,11 +49,8 @@ def repository(tmp_path_factory, build_cache, tiny_llama):
 @pytest.fixture(scope="module")
 def deployment(repository, tmp_path_factory):
     # a long idle timeout: nothing unloads by itself, the test unloads (and the next request wakes)
-    dep = Serve(repository, tmp_path_factory.mktemp("serve-monitored"), "--idle-timeout", "600")
-    try:
+    with Serve(repository, tmp_path_factory.mktemp("serve-monitored"), "--idle-timeout", "600") as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 @pytest.fixture(scope="module")

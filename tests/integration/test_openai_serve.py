@@ -23,11 +23,8 @@ TRITON_MODEL = f"{TINY_NAME}-fp32"
 
 @pytest.fixture(scope="module")
 def deployment(tiny_repository, tmp_path_factory):
-    dep = Serve(tiny_repository, tmp_path_factory.mktemp("serve-keys"), "--allowed-ip", "127.0.0.1")
-    try:
+    with Serve(tiny_repository, tmp_path_factory.mktemp("serve-keys"), "--allowed-ip", "127.0.0.1") as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 def test_first_serve_says_how_to_create_a_key(deployment):
@@ -111,12 +108,9 @@ def test_keys_and_allowed_ips_both_apply(deployment):
 
 
 def test_public_serve_needs_no_key(tiny_repository, tmp_path):
-    dep = Serve(tiny_repository, tmp_path, "--public")
-    try:
+    with Serve(tiny_repository, tmp_path, "--public") as dep:
         out = dep.output.read_text()
         assert "API keys off (--public)" in out and "no API key yet" not in out
         assert dep.generate(TRITON_MODEL, None).status_code == 200 and dep.grpc_infer(TRITON_MODEL, None) == "ok"
         models = httpx.get(f"{dep.url}/v1/models", timeout=30)
         assert models.status_code == 200 and MODEL in json.dumps(models.json())
-    finally:
-        dep.stop()

@@ -63,12 +63,9 @@ def repository(tmp_path_factory, build_cache, tiny_llama) -> Path:
 
 @pytest.fixture(scope="module")
 def serve(repository, tmp_path_factory):
-    s = Serve(repository, tmp_path_factory.mktemp("serve"), "--public", "--idle-timeout", "0",
-              "--max-queue", str(QUEUE))
-    try:
+    with Serve(repository, tmp_path_factory.mktemp("serve"), "--public", "--idle-timeout", "0",
+               "--max-queue", str(QUEUE)) as s:
         yield s
-    finally:
-        s.stop()
 
 
 def gateway_status(serve: Serve) -> dict:

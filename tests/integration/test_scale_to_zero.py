@@ -45,12 +45,9 @@ def stubs_of(repository: Path, model: str) -> list[int]:
 @pytest.fixture(scope="module")
 def deployment(tiny_repository, tmp_path_factory):
     # a queue wide enough for the 8 concurrent first requests (the tiny deployment's batch is small)
-    dep = Serve(tiny_repository, tmp_path_factory.mktemp("serve-zero"), "--public", "--idle-timeout", str(IDLE),
-                "--max-queue", "16")
-    try:
+    with Serve(tiny_repository, tmp_path_factory.mktemp("serve-zero"), "--public", "--idle-timeout", str(IDLE),
+               "--max-queue", "16") as dep:
         yield dep
-    finally:
-        dep.stop()
 
 
 def states(dep: Serve) -> dict[str, dict]:
@@ -151,8 +148,7 @@ def test_a_failed_load_answers_503_and_unavailable_then_backs_off(tiny_repositor
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repository, repo, symlinks=True)
     (tmp_path / "serve").mkdir()
-    dep = Serve(repo, tmp_path / "serve", "--public", "--idle-timeout", "0")
-    try:
+    with Serve(repo, tmp_path / "serve", "--public", "--idle-timeout", "0") as dep:
         act(dep.state, MODEL, "unload")
         for xml in (repo / f"{TRITON_MODEL}-engine").rglob("*.xml"):
             xml.write_text("<not an openvino model")
@@ -169,5 +165,3 @@ def test_a_failed_load_answers_503_and_unavailable_then_backs_off(tiny_repositor
         assert time.monotonic() - start < 2, "backing off: answered at once, not after another load"
         assert unavailable.value.status() == "StatusCode.UNAVAILABLE"
         assert MODEL in unavailable.value.message() and "retry in" in unavailable.value.message()
-    finally:
-        dep.stop()

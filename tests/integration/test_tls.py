@@ -34,13 +34,10 @@ TRITON_MODEL = f"{TINY_NAME}-fp32"
 
 @pytest.fixture(scope="module")
 def deployment(tiny_repository, tmp_path_factory):
-    dep = Serve(tiny_repository, tmp_path_factory.mktemp("serve-tls"), "--tls", "self-signed")
-    try:
+    with Serve(tiny_repository, tmp_path_factory.mktemp("serve-tls"), "--tls", "self-signed") as dep:
         dep.key = dep.create_key("tls")
         dep.ca = dep.state / "tls" / "self-signed.crt"
         yield dep
-    finally:
-        dep.stop()
 
 
 def served_fingerprint(port: int) -> str:

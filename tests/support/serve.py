@@ -91,6 +91,12 @@ class Serve:
     def stop(self) -> None:
         stop_serve(self.process)
 
+    def __enter__(self) -> Serve:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 class Front:
     """What `serve` puts in front of a running Triton: the OpenAI gateway and nginx (keys on,
