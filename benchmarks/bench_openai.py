@@ -1,11 +1,11 @@
 """What the OpenAI API costs: tokens/s through /v1/chat/completions against Triton's own
 /v2/models/<m>/generate (same messages, same chat template, same engine) at 1 and 8 clients, and
 time to first token through /v1 (stream) against /v2 generate_stream. Both paths go through the
-same `serve` (nginx with API keys on: /v1 via the gateway, /v2 via nginx's key check and the
-gateway's relay), in the same run, rounds interleaved; figures are medians of the rounds. Since /v2 inference also passes the
-gateway (its relay holds the deployment and applies the queue bound), this compares the OpenAI
-framing against Triton's own API over the same hops; bench_request_path.py measures each hop
-against Triton's own port.
+same `serve` (nginx with API keys on: /v1 via the gateway; /v2 generate via nginx's key check and
+the gateway's relay, /v2 generate_stream via nginx's key check straight to Triton), in the same
+run, rounds interleaved; figures are medians of the rounds. The throughput pair thus compares the
+OpenAI framing against Triton's own API over the same hops; bench_request_path.py measures each
+hop against Triton's own port.
 
 Goals (issue 15): under 5% throughput loss at 8 clients, under 10 ms added to time to first token.
 Run: make bench (or .venv/bin/python -m pytest benchmarks/bench_openai.py --benchmark-only -s)
@@ -40,11 +40,8 @@ def served(tmp_path_factory):
     """The default model at int8, served as users serve it, and a key."""
     root = tmp_path_factory.mktemp("bench-openai")
     build_default_int8(root / "repo")
-    serve = Serve(root / "repo", root)
-    try:
+    with Serve(root / "repo", root) as serve:
         yield serve, serve.create_key("bench")
-    finally:
-        serve.stop()
 
 
 def _v2(serve: Serve, key: str, messages, client: httpx.Client) -> int:

@@ -106,14 +106,20 @@ class TritonClient:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _post(self, path: str, model: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, request: httpx.Request, model: str, stream: bool = False,
+                    late: str | None = None) -> httpx.Response:
+        """Send one request to Triton; a timeout is a 504 (`late` says what was late), a broken or
+        refused connection a retryable 503."""
         try:
-            response = await self._http.post(path, **kwargs)
+            return await self._http.send(request, stream=stream)
         except httpx.TimeoutException:
-            raise ApiError(504, f"Triton did not answer within the gateway's timeout for {model}",
+            raise ApiError(504, late or f"Triton did not answer within the gateway's timeout for {model}",
                            type="server_error", code="timeout") from None
         except httpx.TransportError as e:
             raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__}); retry shortly") from None
+
+    async def _post(self, path: str, model: str, **kwargs: Any) -> httpx.Response:
+        response = await self._send(self._http.build_request("POST", path, **kwargs), model)
         if response.status_code != 200:
             raise triton_error(response.status_code, _message(response.content), model)
         return response
@@ -126,13 +132,7 @@ class TritonClient:
     async def open_stream(self, model: str, body: dict[str, Any]) -> TritonStream:
         """Start a streamed generation; the caller must `aclose()` the stream."""
         request = self._http.build_request("POST", f"/v2/models/{model}/generate_stream", json=body)
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise ApiError(504, f"Triton did not start streaming {model} in time", type="server_error",
-                           code="timeout") from None
-        except httpx.TransportError as e:
-            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__}); retry shortly") from None
+        response = await self._send(request, model, stream=True, late=f"Triton did not start streaming {model} in time")
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
@@ -143,14 +143,8 @@ class TritonClient:
     async def send_raw(self, path: str, headers: dict[str, str], content: bytes, model: str) -> httpx.Response:
         """POST a client's own /v2 request and return Triton's answer unread, whatever its status:
         the /v2 relay passes both through as they are."""
-        request = self._http.build_request("POST", path, headers=headers, content=content)
-        try:
-            return await self._http.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise ApiError(504, f"Triton did not answer within the gateway's timeout for {model}",
-                           type="server_error", code="timeout") from None
-        except httpx.TransportError as e:
-            raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__}); retry shortly") from None
+        return await self._send(self._http.build_request("POST", path, headers=headers, content=content), model,
+                                stream=True)
 
     async def config(self, model: str) -> dict[str, Any]:
         """The model's configuration, cached for CONFIG_TTL seconds (it changes only on a reload)."""
