@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends.cpu_runtime import RUNTIME_CACHE
 from backends.errors import RequestError
 
 CONFIG_NAME = "embedding.json"
@@ -248,7 +249,7 @@ COMPILED_KEY = "openvino_model.cpu.json"
 
 
 def encoder_properties(inference_precision: str) -> dict[str, str]:
-    return {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+    return {"INFERENCE_PRECISION_HINT": inference_precision, "PERFORMANCE_HINT": "LATENCY", **RUNTIME_CACHE}
 
 
 def compiled_key(xml: Path, inference_precision: str) -> dict:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from backends.cpu_runtime import choose_for_host
+from backends.cpu_runtime import RUNTIME_CACHE, choose_for_host
 from backends.errors import RequestError
 from backends.guided import Penalties
 from backends.sampling import Sampling
@@ -112,7 +112,7 @@ class ContinuousBatchingEngine:
         # stays exact; the others the fastest setting the build measured within their floors on
         # this host's ISA class. `properties` overrides it (benchmarks, tests).
         self.runtime = choose_for_host(engine_dir)
-        props = properties if properties is not None else self.runtime.setting.properties()
+        props = {**RUNTIME_CACHE, **properties} if properties is not None else self.runtime.setting.properties()
         log.info("engine %s: %s (%s, %s)", Path(engine_dir).parent.parent.name, self.runtime.setting.describe(),
                  self.runtime.isa_class, self.runtime.reason)
         self._pipeline_args = (str(engine_dir), scheduler, "CPU", props)

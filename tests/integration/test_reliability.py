@@ -204,6 +204,10 @@ def test_http_disconnect_on_v2_stops_the_engine(serve, repository):
     readers = [threading.Thread(target=http_reader, args=(url, body, hang_up, counts)) for _ in range(4)]
     assert_hang_ups_stop_the_engine(serve, repository, readers, hang_up)
     assert len(counts) == 4 and min(counts) >= 3 and max(counts) < 1500
+    deadline = time.monotonic() + 5       # relayed by the gateway, which held them: their slots are free
+    while gateway_status(serve)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gateway_status(serve)["in_flight"] == 0
     assert answer(serve.url)
 
 
@@ -254,8 +258,9 @@ def test_a_full_queue_answers_429_at_once_and_the_rest_is_answered(serve):
 
 @contextlib.contextmanager
 def at_the_bound(serve: Serve) -> Iterator[None]:
-    """Streaming clients fill the deployment's batch and queue for the duration of the block."""
-    clients = StreamingClients(serve.url, MODEL, n=BATCH + QUEUE, max_tokens=300, timeout=120).start()
+    """Streaming clients fill the deployment's batch and queue for the duration of the block; four
+    more keep knocking (refused), so a slot freed by a stream that ends is taken again at once."""
+    clients = StreamingClients(serve.url, MODEL, n=BATCH + QUEUE + 4, max_tokens=300, timeout=120).start()
     try:
         deadline = time.monotonic() + 60
         while gateway_status(serve)["in_flight"] < BATCH + QUEUE:
@@ -276,15 +281,17 @@ def test_a_full_queue_answers_grpc_with_resource_exhausted_at_once(serve):
         assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "at capacity" in refused.value.message()
 
 
-def test_a_full_queue_answers_v2_with_429_at_once_in_tritons_shape(serve):
-    """Triton's own /v2 generate goes through the gateway's relay too: the same bound, Triton's error shape."""
+@pytest.mark.parametrize("route", [f"{LLM}/generate", f"{STREAM}/generate_stream"])
+def test_a_full_queue_answers_v2_with_429_at_once_in_tritons_shape(serve, route):
+    """Triton's own /v2 generate and generate_stream go through the gateway's relay too: the same
+    bound, Triton's error shape."""
     with at_the_bound(serve):
         # the streams run back to back, so a slot is free for a moment whenever one ends: a call
         # may slip in then; at the bound, the refusal is immediate
         refused = None
         for _ in range(5):
             t0 = time.monotonic()
-            r = httpx.post(f"{serve.url}/v2/models/{LLM}/generate", json={"text_input": "Hi", "max_tokens": 4},
+            r = httpx.post(f"{serve.url}/v2/models/{route}", json={"text_input": "Hi", "max_tokens": 4},
                            timeout=60)
             assert r.status_code in (200, 429), r.text
             if r.status_code == 429:
@@ -300,7 +307,8 @@ def test_a_full_queue_answers_v2_with_429_at_once_in_tritons_shape(serve):
 # -- pieces killed under load ---------------------------------------------------------------------
 def kill_and_recover(serve: Serve, repository: Path, victim: str) -> tuple[list, list]:
     """SIGKILL one piece while 4 clients stream; returns (outcomes, readiness seen while it was down)."""
-    clients = StreamingClients(serve.url, MODEL, n=4, max_tokens=400, timeout=60).start()
+    clients = StreamingClients(serve.url, MODEL, n=4, max_tokens=400, timeout=60,
+                               routes=("v1", "v1", "v1", STREAM)).start()    # 3 /v1, 1 /v2 generate_stream
     time.sleep(2)
     if victim == "engine stub":
         pid = stub_pid(repository, ENGINE)
@@ -326,7 +334,8 @@ def test_a_killed_piece_recovers_and_every_client_gets_an_answer_or_an_error(ser
         assert any(g is not True for _, g in seen), f"gRPC ServerReady stayed true while the {victim} was down: {seen}"
     if victim == "engine stub":
         failed = [o for o in outcomes if o.kind != "ok"]
-        assert all("service_unavailable" in o.detail or o.kind.startswith("http 503") for o in failed), failed
+        assert all("service_unavailable" in o.detail or "died" in o.detail or o.kind.startswith("http 503")
+                   for o in failed), failed
     assert ready(serve.url) == 200
     deadline = time.monotonic() + 3            # the relay's channel reconnects within its 0.5 s back-off
     while grpc_ready(serve) is not True:

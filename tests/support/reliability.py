@@ -138,12 +138,16 @@ class StreamingClients:
     n: int = 4
     max_tokens: int = 400
     timeout: float = 60.0
+    # per client: "v1" (/v1/completions) or a Triton stream model (/v2/models/<it>/generate_stream)
+    routes: tuple[str, ...] = ()
     outcomes: list[Outcome] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> StreamingClients:
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.n)]
+        routes = self.routes or ("v1",) * self.n
+        self._threads = [threading.Thread(target=self._run, args=(routes[i % len(routes)],), daemon=True)
+                         for i in range(self.n)]
         for t in self._threads:
             t.start()
         return self
@@ -155,26 +159,32 @@ class StreamingClients:
         assert not any(t.is_alive() for t in self._threads), "a streaming client hung past its timeout"
         return self.outcomes
 
-    def _run(self) -> None:
-        body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": self.max_tokens, "stream": True}
+    def _run(self, route: str) -> None:
+        if route == "v1":
+            url = f"{self.url}/v1/completions"
+            body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": self.max_tokens, "stream": True}
+        else:
+            url = f"{self.url}/v2/models/{route}/generate_stream"
+            body = {"text_input": "Once upon a time", "max_tokens": self.max_tokens}
         while not self._stop.is_set():
             t0, chunks = time.monotonic(), 0
             try:
-                with httpx.stream("POST", f"{self.url}/v1/completions", json=body, timeout=self.timeout) as r:
+                with httpx.stream("POST", url, json=body, timeout=self.timeout) as r:
                     if r.status_code != 200:
                         r.read()
                         self.outcomes.append(Outcome(f"http {r.status_code}", time.monotonic() - t0,
                                                      detail=r.text[:200]))
-                        time.sleep(0.2)
+                        time.sleep(0.05)
                         continue
                     kind, detail = "ok", ""
                     for line in r.iter_lines():
                         if not line.startswith("data: {"):
                             continue
                         event = json.loads(line[6:])
-                        if "error" in event:
+                        if "error" in event:     # OpenAI's shape, or Triton's: {"error": "..."}
                             error = event["error"]
-                            kind, detail = "error event", f"{error.get('code')}: {error.get('message')}"
+                            kind, detail = "error event", (f"{error.get('code')}: {error.get('message')}"
+                                                           if isinstance(error, dict) else str(error))
                             break
                         chunks += 1
                     if kind == "ok" and chunks == 0:
@@ -182,4 +192,4 @@ class StreamingClients:
                     self.outcomes.append(Outcome(kind, time.monotonic() - t0, chunks, detail))
             except httpx.HTTPError as e:
                 self.outcomes.append(Outcome(f"exception {type(e).__name__}", time.monotonic() - t0, chunks))
-                time.sleep(0.2)
+                time.sleep(0.05)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from backends.cpu_isa import classes_up_to, cpu_flags, host_isa_class, isa_class
-from backends.cpu_runtime import REFERENCE, SETTINGS_FILE, RuntimeSetting, candidates, choose, choose_for_host
+from backends.cpu_runtime import REFERENCE, RUNTIME_CACHE, SETTINGS_FILE, RuntimeSetting, candidates, choose, choose_for_host
 from builder.build.engines.openvino_runtime import agreement, passes
 
 ZEN3 = {"avx", "avx2", "fma", "sse4_2"}
@@ -67,7 +67,7 @@ def test_choice_is_the_recorded_entry_or_the_reference():
     got = choose(TABLE, "avx512_bf16")
     assert got.setting == RuntimeSetting("bf16", "u8", 32) and got.measured
     assert got.setting.properties() == {"INFERENCE_PRECISION_HINT": "bf16", "KV_CACHE_PRECISION": "u8",
-                                        "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32"}
+                                        "DYNAMIC_QUANTIZATION_GROUP_SIZE": "32", **RUNTIME_CACHE}
     assert choose(TABLE, "avx2").setting == RuntimeSetting("f32", "u8", 0)
     amx = choose(TABLE, "amx")   # stronger than the build host: not measured, so the reference
     assert amx.setting == REFERENCE and not amx.measured and "rebuild on a host of this class" in amx.reason
@@ -111,3 +111,49 @@ def test_floors_decide_with_both_figures():
     assert not passes("int8", {"top1_agreement": 0.94, "mean_logit_cosine": 0.9999})
     assert not passes("int8", {"top1_agreement": 1.0, "mean_logit_cosine": 0.99})
     assert not passes("fp32", {"top1_agreement": 0.999, "mean_logit_cosine": 1.0})
+
+
+_GROWTH = """
+import json, sys
+import numpy as np, openvino as ov
+from openvino import opset13 as ops
+props = json.loads(sys.argv[1])
+rng = np.random.default_rng(0)
+p = x = ops.parameter([-1, -1, 64], np.float32)
+for _ in range(6):         # attention-like blocks: every node's kernels depend on the input shape
+    a = ops.softmax(ops.matmul(x, x, False, True), -1)
+    w = ops.constant(rng.standard_normal((64, 64)).astype(np.float32))
+    x = ops.mvn(ops.add(ops.matmul(ops.matmul(a, x, False, False), w, False, False), x),
+                ops.constant(np.array([-1], np.int64)), True, 1e-5, "inside_sqrt")
+request = ov.Core().compile_model(ov.Model([x], [p]), "CPU", {"INFERENCE_NUM_THREADS": "1", **props}).create_infer_request()
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
+shapes = [(b, t) for b in range(1, 9) for t in range(2, 130)]
+rng.shuffle(shapes)
+seen = []
+for i, (b, t) in enumerate(shapes[:800], 1):
+    request.infer({0: np.ones((b, t, 64), np.float32)})
+    if i in (400, 800):
+        seen.append(rss())
+print(seen[1] - seen[0])
+"""
+
+
+def test_the_engines_cpu_properties_keep_memory_level_under_ever_new_input_shapes():
+    """A serving process sees a new input shape with nearly every prompt length or batch of texts;
+    with the CPU plugin's default kernel cache it grows with each (issue 20's soak). Our
+    properties (LLM and encoder alike) level off; the default, measured beside them, does not."""
+    import subprocess
+    import sys
+
+    from backends.embedding import encoder_properties
+
+    def growth_mib(props: dict) -> int:
+        out = subprocess.run([sys.executable, "-c", _GROWTH, json.dumps(props)], capture_output=True, text=True,
+                             timeout=120, check=True)
+        return int(out.stdout.split()[-1])
+
+    default = growth_mib({})
+    ours = [growth_mib(RuntimeSetting("f32", "u8", 32).properties()), growth_mib(encoder_properties("f32"))]
+    assert default > 30, f"the plugin's default cache grew only {default} MiB over 400 new shapes"
+    assert max(ours) < 12, f"grew {ours} MiB over 400 new shapes with the engines' properties (default: {default})"

@@ -40,6 +40,7 @@ class FakeTriton:
                                  for m in e.triton_models}          # serve starts with every model loaded
         self.repository_calls: list[tuple[str, str]] = []
         self.down = False
+        self.stub_dead = False    # Triton's answer when a Python stub died (it keeps the model READY)
 
     def prompt_tokens(self, body: dict) -> int:
         text = body.get("text_input") or " ".join(m["content"] for m in json.loads(body["messages"]))
@@ -78,6 +79,8 @@ class FakeTriton:
                                              "input": [{"name": n} for n in self.inputs]})
         body = json.loads(request.content)
         self.requests.append((path, body))
+        if self.stub_dead:
+            return httpx.Response(400, json={"error": f"in ensemble '{model}', Stub process '{model}_0_0' is not healthy."})
         if path.endswith("/infer"):
             texts = body["inputs"][0]["data"]
             vectors = np.array([[len(t), 0.5, -1.25] for t in texts], dtype=np.float32)

@@ -33,8 +33,33 @@ def test_triton_errors_keep_triton_status_and_shape(tmp_path, triton):
         assert r.status_code == 400 and "exceed the context size" in r.json()["error"]
         r = client.post("/v2/models/nobody/generate", json={"text_input": "x", "max_tokens": 1})
         assert r.status_code == 400 and "unknown model" in r.json()["error"]      # no deployment: Triton's answer
-        r = client.post("/v2/models/tiny-int8-stream/generate_stream", json={})    # nginx never sends it here
-        assert r.status_code == 404 and "infer, generate" in r.json()["error"]
+        r = client.post("/v2/models/tiny-int8/generate_stream/x", json={})
+        assert r.status_code == 404
+        r = client.post("/v2/models/tiny-int8/ready", json={})     # not an inference call: nginx sends it to Triton
+        assert r.status_code == 404 and "infer, generate, generate_stream" in r.json()["error"]
+
+
+def test_generate_stream_passes_event_by_event_and_holds_the_deployment_until_it_ends(tmp_path, triton):
+    with app_client(tmp_path, triton) as client:
+        body = {"text_input": "Hello there", "max_tokens": 3}
+        direct = triton(httpx.Request("POST", "http://t/v2/models/tiny-int8-stream/generate_stream", json=body))
+        with client.stream("POST", "/v2/models/tiny-int8-stream/generate_stream", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            assert r.headers["x-accel-buffering"] == "no"          # nginx passes each event at once
+            d = client.app.state.gateway.lifecycle.deployments[LLM]
+            assert d.in_flight == 1                                   # held while it streams
+            relayed = r.read()
+        assert relayed == direct.content and d.in_flight == 0
+
+
+def test_a_stream_refused_by_triton_keeps_its_status_and_a_dead_stub_is_a_503(tmp_path, triton):
+    with app_client(tmp_path, triton) as client:
+        r = client.post("/v2/models/tiny-int8-stream/generate_stream", json={"text_input": "a " * 80, "max_tokens": 3})
+        assert r.status_code == 400 and "exceed the context size" in r.json()["error"]
+        triton.stub_dead = True
+        r = client.post("/v2/models/tiny-int8-stream/generate_stream", json={"text_input": "Hi", "max_tokens": 3})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5" and "is not healthy" in r.json()["error"]
+        assert client.app.state.gateway.lifecycle.deployments[LLM].in_flight == 0
 
 
 def test_binary_infer_headers_and_bytes_pass_through_unchanged(tmp_path, triton):

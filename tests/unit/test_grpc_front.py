@@ -79,3 +79,70 @@ def test_server_ready_is_false_while_a_deployment_is_reloading_and_relayed_other
 
     ready, relayed = asyncio.run(scenario())
     assert ready is False and relayed == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_stream_inside_a_stub_that_dies_is_cancelled_upstream_and_answered_unavailable():
+    """A real relay before a real gRPC server that never answers (an engine whose stub died): the
+    heal's event ends the call with UNAVAILABLE and cancels it upstream, instead of a hang."""
+    import asyncio
+    import socket
+
+    import grpc
+
+    from builder.serve.gateway.grpc_front import GrpcFront
+    from builder.serve.gateway.lifecycle import LOADED, Lifecycle, Tracked
+    from tests.unit.test_reliability import Reloading
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    async def scenario() -> tuple[grpc.StatusCode, str, bool, int]:
+        upstream_cancelled = asyncio.Event()
+
+        async def silent(requests, context):      # takes the request, never answers
+            context.add_done_callback(lambda _: upstream_cancelled.set())
+            async for _ in requests:
+                await asyncio.get_running_loop().create_future()
+            yield b""
+
+        class Silent(grpc.GenericRpcHandler):
+            def service(self, details):
+                return grpc.stream_stream_rpc_method_handler(silent)
+
+        upstream = grpc.aio.server()
+        upstream.add_generic_rpc_handlers((Silent(),))
+        triton_port, port = free_port(), free_port()
+        upstream.add_insecure_port(f"127.0.0.1:{triton_port}")
+        await upstream.start()
+        dead: set[str] = set()
+        lc = Lifecycle(Reloading(), dead_stubs=lambda models: dead & set(models))
+        lc.track([Tracked("m:fp32", ("m-engine", "m"), 0.0)])
+        lc.deployments["m:fp32"].state = LOADED
+        front = GrpcFront(f"127.0.0.1:{triton_port}", lambda model: lc.serving("m:fp32") if model == "m" else None)
+        await front.start(port)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(SERVICE + "ModelStreamInfer")(
+                    iter([service_pb2.ModelInferRequest(model_name="m").SerializeToString()]), timeout=20)
+                while lc.deployments["m:fp32"].in_flight == 0:
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)              # inside the "engine"
+                dead.add("m-engine")
+                await lc.heal()
+                with pytest.raises(grpc.aio.AioRpcError) as died:
+                    async for _ in call:
+                        pass
+                await asyncio.wait_for(upstream_cancelled.wait(), 5)
+                while lc.deployments["m:fp32"].in_flight:
+                    await asyncio.sleep(0.01)
+                return died.value.code(), died.value.details(), upstream_cancelled.is_set(), \
+                    lc.deployments["m:fp32"].in_flight
+        finally:
+            await front.stop(0)
+            await upstream.stop(0)
+
+    code, details, cancelled, in_flight = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert code == grpc.StatusCode.UNAVAILABLE and "died while it ran this call" in details
+    assert cancelled and in_flight == 0

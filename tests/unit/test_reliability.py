@@ -17,7 +17,9 @@ from builder.serve.gateway.backpressure import in_flight_bound, queue_for
 from builder.serve.gateway.lifecycle import LOADED, EngineDied, Lifecycle, Overloaded, Tracked
 from builder.serve.gateway.stubs import python_models, running_stubs
 from builder.serve.gateway.triton_client import triton_error
-from builder.serve.gateway.waking import not_servable, unless_broken
+from builder.serve.gateway.deployments import Deployment
+from builder.serve.gateway.errors import ApiError
+from builder.serve.gateway.waking import WakingTriton, not_servable, unless_broken
 from builder.serve.supervision import FIRST_BACKOFF, GIVE_UP, MAX_BACKOFF, STABLE_SECONDS, Piece, Supervisor, exit_cause
 from tests.unit.test_lifecycle import FakeTriton
 
@@ -89,6 +91,55 @@ def test_a_dead_stub_fails_requests_inside_it_and_its_model_is_reloaded():
         assert await lc.heal() == []
         async with lc.serving("m:fp32") as d:        # serves again, with a fresh event
             assert await unless_broken(asyncio.sleep(0, "ok"), d) == "ok"
+
+    asyncio.run(scenario())
+
+
+def test_a_stream_between_two_reads_when_its_stub_dies_fails_at_its_next_read():
+    """The heal replaces the deployment's event once it has set it: a stream that was writing a
+    token when the stub died must still fail its next read, not wait on the new event for good."""
+    class Silent:                      # a Triton stream whose engine died: no token ever comes
+        def __init__(self):
+            self.reads = 0
+
+        async def next(self):
+            self.reads += 1
+            if self.reads == 1:
+                return {"text_output": "a"}
+            await asyncio.get_running_loop().create_future()
+
+        async def aclose(self):
+            pass
+
+    class OneDeployment:               # the catalog's two calls the waking layer makes
+        d = Deployment("m:fp32", "llm", "m", "m", 2048, 8, models=("m-engine", "m"))
+
+        def all(self):
+            return [self.d]
+
+        def owner(self, model):
+            return self.d if model in self.d.models else None
+
+    class Streaming(Reloading):
+        async def open_stream(self, model, body):
+            return Silent()
+
+    async def scenario():
+        dead: set[str] = set()
+        api = Streaming()
+        lc = Lifecycle(api, dead_stubs=lambda models: dead & set(models))
+        triton = WakingTriton(api, lc, OneDeployment())
+        triton.refresh()
+        lc.deployments["m:fp32"].state = LOADED
+        stream = await triton.open_stream("m", {})
+        assert await stream.next() == {"text_output": "a"}
+        dead.add("m-engine")                   # dies while the stream writes its first token
+        await lc.heal()
+        with pytest.raises(ApiError) as died:
+            await asyncio.wait_for(stream.next(), 5)
+        assert died.value.status == 503
+        await stream.aclose()
+        assert lc.deployments["m:fp32"].in_flight == 0
 
     asyncio.run(scenario())
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from builder.serve.gateway.body import parse, text_list
 from builder.serve.gateway.deployments import Deployment
-from builder.serve.gateway.generation import Plan, all_of, generate, open_streams, pieces
+from builder.serve.gateway.generation import Plan, all_of, close_all, generate, open_streams, pieces
 from builder.serve.gateway.metrics import usage_recorder
 from builder.serve.gateway.params import choice_seeds, refuse_unsupported, sampling_body, with_seed
 from builder.serve.gateway.responses import Usage, new_id, now
@@ -50,7 +50,8 @@ async def completions(request: Request, gw: GatewayDep) -> Response:
     if req.stream:
         opened = await open_streams(gw.triton, plans)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return streaming_response(_stream(opened, plans, dep, echoes, include_usage, record))
+        return streaming_response(_stream(opened, plans, dep, echoes, include_usage, record),
+                                  close=lambda: close_all(opened))
     results = await all_of(generate(gw.triton, p) for p in plans)
     usage = Usage()
     for i, (p, r) in enumerate(zip(plans, results)):

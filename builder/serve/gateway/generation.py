@@ -151,9 +151,14 @@ async def open_streams(triton: TritonClient, plans: list[Plan]) -> list[tuple[Tr
     try:
         return await all_of(one(p) for p in plans)
     except BaseException:
-        for stream, _ in opened:
-            await stream.aclose()
+        await close_all(opened)
         raise
+
+
+async def close_all(opened: list[tuple[TritonStream, dict[str, Any] | None]]) -> None:
+    """Close every stream (again is harmless): Triton stops generating for each."""
+    for stream, _ in opened:
+        await stream.aclose()
 
 
 async def merged(opened: list[tuple[TritonStream, dict[str, Any] | None]]) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -184,8 +189,7 @@ async def merged(opened: list[tuple[TritonStream, dict[str, Any] | None]]) -> As
     finally:
         for task in tasks:
             task.cancel()
-        for stream, _ in opened:
-            await stream.aclose()
+        await close_all(opened)
 
 
 async def pieces(opened: list[tuple[TritonStream, dict[str, Any] | None]], plans: list[Plan],

@@ -8,11 +8,13 @@ ModelMetadata and ModelConfig is parsed, for its model name. A deployment that c
 answers UNAVAILABLE with the reason (never a hang, never Triton's bare "unknown model"); readiness
 (ModelReady, and the server-wide calls) passes through without waking anything, as /v2 .../ready does.
 ServerReady is answered `ready: false` here while a deployment is being reloaded after its stub
-died (Triton itself keeps saying READY), as nginx's /v2/health/ready is 503 then.
+died (Triton itself keeps saying READY), as nginx's /v2/health/ready is 503 then. A call inside a
+stub that dies is cancelled upstream and answered UNAVAILABLE (Triton would never answer it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -24,7 +26,7 @@ from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
 from builder.serve.gateway.errors import ApiError
-from builder.serve.gateway.lifecycle import NotServable, Overloaded
+from builder.serve.gateway.lifecycle import NotServable, Overloaded, Tracked
 
 log = logging.getLogger("serverless_triton.gateway.grpc")
 
@@ -67,10 +69,13 @@ def forwarded_metadata(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
 
 
 class _Held:
-    """The deployments one call keeps in flight (a stream may name several models)."""
+    """The deployments one call keeps in flight (a stream may name several models), and whether a
+    stub of one of them died since the call began (`died`: why; `on_death` is then called once)."""
 
-    def __init__(self, hold: Holder):
+    def __init__(self, hold: Holder, on_death: Callable[[], None] = lambda: None):
         self._hold, self._stack, self._models = hold, contextlib.AsyncExitStack(), set[str]()
+        self._watches: list[asyncio.Task] = []
+        self.on_death, self.died = on_death, ""
 
     async def enter(self, model: str | None) -> None:
         if model is None or model in self._models:
@@ -78,9 +83,20 @@ class _Held:
         self._models.add(model)
         ctx = self._hold(model)
         if ctx is not None:
-            await self._stack.enter_async_context(ctx)
+            d = await self._stack.enter_async_context(ctx)
+            if isinstance(d, Tracked):   # its event as the call found it: a heal sets it, then replaces it
+                self._watches.append(asyncio.create_task(self._watch(d.id, d.broken)))
+
+    async def _watch(self, deployment: str, broken: asyncio.Event) -> None:
+        await broken.wait()
+        if not self.died:
+            self.died = (f"a process serving {deployment} died while it ran this call; it is being "
+                         "reloaded: retry in a few seconds")
+            self.on_death()
 
     async def aclose(self) -> None:
+        for watch in self._watches:
+            watch.cancel()
         await self._stack.aclose()
 
 
@@ -111,8 +127,13 @@ class GrpcFront:
         if method == SERVER_READY and self.unready():
             yield service_pb2.ServerReadyResponse(ready=False).SerializeToString()
             return
-        held = _Held(self.hold)
         call = None
+
+        def cancel_upstream() -> None:      # a stub died: Triton may never answer this call
+            if call is not None:
+                call.cancel()
+
+        held = _Held(self.hold, cancel_upstream)
         refused: list[tuple[grpc.StatusCode, str]] = []   # why a later message of a stream was not served
         try:
             first = await anext(aiter(requests), None)
@@ -142,6 +163,11 @@ class GrpcFront:
                     context.set_trailing_metadata(forwarded_metadata(trailing))
             except grpc.aio.AioRpcError as e:
                 await context.abort(e.code(), e.details() or "")
+            except asyncio.CancelledError:   # raised by the read of a call cancelled above
+                if not held.died:
+                    raise
+            if held.died:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, held.died)
             if refused:
                 await context.abort(*refused[0])
         finally:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import anyio
 from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from builder.serve.gateway.errors import ApiError
 
@@ -52,5 +54,23 @@ async def guarded(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
                              code="internal_error").body())
 
 
-def streaming_response(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(guarded(events), media_type="text/event-stream", headers=HEADERS)
+class ClosingStream(StreamingResponse):
+    """A stream that runs `close` however the response ends: the body's own `finally` is not
+    enough, since a client gone before the first chunk never starts the body (its Triton streams
+    would stay open and its deployment in flight for good). Shielded: it runs while Starlette
+    cancels the response of a client that hung up."""
+
+    def __init__(self, content: AsyncIterator[bytes], close: Callable[[], Awaitable[None]], **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close()
+
+
+def streaming_response(events: AsyncIterator[bytes], close: Callable[[], Awaitable[None]]) -> StreamingResponse:
+    return ClosingStream(guarded(events), close, media_type="text/event-stream", headers=HEADERS)

@@ -38,7 +38,7 @@ def triton_error(status: int, message: str, model: str) -> ApiError:
     lowered = message.lower()
     if status in (404, 503) or lowered.startswith(_NOT_LOADED):
         return unavailable(f"{model} is not available right now ({message}); retry shortly", 2)
-    if _DEAD_STUB.search(message):   # a Python stub died: the gateway's watch reloads it (gateway/stubs.py)
+    if stub_died(message):   # a Python stub died: the gateway's watch reloads it (gateway/stubs.py)
         return unavailable(f"a process serving {model} died and is being reloaded ({message}); retry in a few "
                            "seconds", 5)
     if status >= 500:
@@ -49,7 +49,13 @@ def triton_error(status: int, message: str, model: str) -> ApiError:
     return bad_request(message, code=code)
 
 
-def _message(raw: bytes) -> str:
+def stub_died(message: str) -> bool:
+    """Whether Triton's error says a Python stub died (a server fault the client may retry)."""
+    return bool(_DEAD_STUB.search(message))
+
+
+def message_of(raw: bytes) -> str:
+    """The text of a Triton error answer (its `error` field, else the raw text)."""
     try:
         data = json.loads(raw)
     except ValueError:
@@ -121,7 +127,7 @@ class TritonClient:
     async def _post(self, path: str, model: str, **kwargs: Any) -> httpx.Response:
         response = await self._send(self._http.build_request("POST", path, **kwargs), model)
         if response.status_code != 200:
-            raise triton_error(response.status_code, _message(response.content), model)
+            raise triton_error(response.status_code, message_of(response.content), model)
         return response
 
     async def generate(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -137,7 +143,7 @@ class TritonClient:
             raw = await response.aread()
             await response.aclose()
             text = raw.decode("utf-8", "replace").strip()
-            raise triton_error(response.status_code, _message(text.removeprefix("data:").strip().encode()), model)
+            raise triton_error(response.status_code, message_of(text.removeprefix("data:").strip().encode()), model)
         return TritonStream(response, model)
 
     async def send_raw(self, path: str, headers: dict[str, str], content: bytes, model: str) -> httpx.Response:
@@ -156,7 +162,7 @@ class TritonClient:
         except httpx.TransportError as e:
             raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__})") from None
         if response.status_code != 200:
-            raise triton_error(response.status_code, _message(response.content), model)
+            raise triton_error(response.status_code, message_of(response.content), model)
         self._configs[model] = (time.monotonic(), response.json())
         return self._configs[model][1]
 
@@ -168,7 +174,7 @@ class TritonClient:
         except httpx.TransportError as e:
             raise unavailable(f"Triton is not reachable at {self.base_url} ({type(e).__name__})") from None
         if response.status_code != 200:
-            raise RuntimeError(_message(response.content))
+            raise RuntimeError(message_of(response.content))
         return response.json() if response.content else None
 
     async def load(self, model: str) -> None:

@@ -8,14 +8,20 @@ Triton's binary tensor extension); errors keep Triton's own shape, `{"error": ".
 clients (tritonclient, KServe clients) read that. Key checks stay nginx's auth_request, as for the
 rest of /v2.
 
-Not generate_stream: relayed, a client's hang-up reached the engine in only about half of the
-tries (measured; the same hang-up through nginx straight to Triton, or through /v1, stops the
-engine every time), so streams stay on nginx's direct path until that is understood (issue 20).
+generate_stream passes chunk by chunk. A client that hangs up closes Triton's connection at once
+(shielded, `close_response`: Starlette cancels the response task, and an unshielded close would be
+cancelled with it), which is how Triton cancels the request and the engine stops generating for it.
+A stub that dies mid-stream ends the stream with one error event in Triton's shape,
+`data: {"error": "..."}`, as Triton ends a stream that fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+from collections.abc import AsyncIterator
+from functools import partial
 
 import anyio
 import httpx
@@ -24,17 +30,19 @@ from fastapi.responses import JSONResponse, Response
 
 from builder.serve.gateway.errors import ApiError
 from builder.serve.gateway.lifecycle import EngineDied, NotServable, Overloaded, Tracked
+from builder.serve.gateway.sse import ClosingStream
 from builder.serve.gateway.state import gateway
-from builder.serve.gateway.triton_client import close_response
+from builder.serve.gateway.triton_client import close_response, message_of, stub_died
 from builder.serve.gateway.waking import unless_broken
 
 router = APIRouter()
-ACTIONS = ("infer", "generate")
+ACTIONS = ("infer", "generate", "generate_stream")
 # What Triton reads of a request and a client reads of an answer; nothing else crosses (no hop
 # headers, no Authorization: the key stays with nginx and the gateway). Answers cross uncompressed
 # (httpx would decode them anyway); a compressed request body passes as it is.
 _REQUEST_HEADERS = ("content-type", "content-length", "content-encoding", "inference-header-content-length")
 _ANSWER_HEADERS = ("content-type", "inference-header-content-length")
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def refusal(status: int, message: str, retry_after: float | None = None) -> JSONResponse:
@@ -55,8 +63,8 @@ def _picked(headers: httpx.Headers | dict[str, str], names: tuple[str, ...]) -> 
     return {name: headers[name] for name in names if name in headers}
 
 
-async def _guarded(call, d: Tracked | None):
-    return await (unless_broken(call, d) if d is not None else call)
+async def _guarded(call, d: Tracked | None, broken: asyncio.Event | None):
+    return await (unless_broken(call, d, broken) if d is not None else call)
 
 
 @router.post("/v2/models/{model}/{action}", include_in_schema=False)
@@ -67,27 +75,59 @@ async def relay(request: Request, model: str, action: str, version: str | None =
     gw = gateway(request)
     held = contextlib.AsyncExitStack()
     d: Tracked | None = None
+    broken: asyncio.Event | None = None     # taken once: the send and the read are one request
     try:
         hold = gw.triton.hold(model)         # None: no deployment owns it, Triton answers for itself
         if hold is not None:
             d = await held.enter_async_context(hold)
+            broken = d.broken
             request.state.deployment = d.id
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         headers = _picked(request.headers, _REQUEST_HEADERS)
-        upstream = await _guarded(gw.triton.client.send_raw(path, headers, await request.body(), model), d)
+        upstream = await _guarded(gw.triton.client.send_raw(path, headers, await request.body(), model), d, broken)
     except (NotServable, ApiError) as e:
         await held.aclose()
         return refusal_for(e)
     except BaseException:
         await held.aclose()
         raise
+    if action == "generate_stream" and upstream.status_code == 200:
+        headers = {**_picked(upstream.headers, _ANSWER_HEADERS), **_STREAM_HEADERS}
+        return ClosingStream(_streamed(upstream, d, broken), partial(_close, upstream, held), headers=headers)
     try:
-        body = await _guarded(upstream.aread(), d)
+        body = await _guarded(upstream.aread(), d, broken)
     except (EngineDied, httpx.TransportError) as e:
         return refusal(503, str(e) if isinstance(e, EngineDied) else
                        f"the connection to Triton broke before its answer ({type(e).__name__}); retry shortly", 5)
     finally:
         with anyio.CancelScope(shield=True):
-            await close_response(upstream)
-            await held.aclose()
+            await _close(upstream, held)
+    if upstream.status_code != 200 and stub_died(message_of(body)):   # Triton says 400: it is no client mistake
+        return refusal(503, f"{message_of(body)} (the gateway is reloading it: retry in a few seconds)", 5)
     return Response(body, status_code=upstream.status_code, headers=_picked(upstream.headers, _ANSWER_HEADERS))
+
+
+def _error_event(message: str) -> bytes:
+    return b"data: " + json.dumps({"error": message}).encode() + b"\n\n"
+
+
+async def _close(upstream: httpx.Response, held: contextlib.AsyncExitStack) -> None:
+    await close_response(upstream)     # Triton cancels the request: the engine stops generating
+    await held.aclose()
+
+
+async def _streamed(upstream: httpx.Response, d: Tracked | None, broken: asyncio.Event | None) -> AsyncIterator[bytes]:
+    """Triton's stream as it comes (the response closes it, however it ends: ClosingStream)."""
+    chunks = upstream.aiter_bytes()     # decoded, as aread() is for the rest
+    while True:
+        try:
+            chunk = await _guarded(anext(chunks, None), d, broken)
+        except EngineDied as e:
+            yield _error_event(str(e))
+            return
+        except httpx.TransportError as e:
+            yield _error_event(f"the connection to Triton broke mid-stream ({type(e).__name__}); retry shortly")
+            return
+        if chunk is None:
+            return
+        yield chunk

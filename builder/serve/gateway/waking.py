@@ -39,10 +39,15 @@ def not_servable(e: NotServable) -> ApiError:
     return unavailable(str(e), int(retry))
 
 
-async def unless_broken(call: Awaitable[T], d: Tracked) -> T:
+async def unless_broken(call: Awaitable[T], d: Tracked, broken: asyncio.Event | None = None) -> T:
     """`call`'s result, unless a stub of `d` dies first: then EngineDied, and the call is cancelled
-    (a request inside a dead stub may never be answered by Triton)."""
-    broken = d.broken
+    (a request inside a dead stub may never be answered by Triton).
+
+    `broken`: the event `d.broken` was when the request began, for a request made of several
+    awaits (a stream's reads). A heal replaces `d.broken` once it has set it, so a read that took
+    the event afresh after a death it missed (the stream was between two reads) would wait on the
+    new one and never hear of it: the stream stayed silent until the client's timeout."""
+    broken = d.broken if broken is None else broken
     task = asyncio.ensure_future(call)
     waiter = asyncio.ensure_future(broken.wait())
     try:
@@ -64,16 +69,22 @@ async def unless_broken(call: Awaitable[T], d: Tracked) -> T:
 class _Held:
     """A stream that keeps its deployment in flight until it is closed."""
 
-    def __init__(self, stream: TritonStream, serving: AbstractAsyncContextManager, d: Tracked):
-        self._stream, self._serving, self._d = stream, serving, d
+    def __init__(self, stream: TritonStream, serving: AbstractAsyncContextManager, d: Tracked,
+                 broken: asyncio.Event):
+        self._stream, self._serving, self._d, self._broken = stream, serving, d, broken
+        self._closed = False
 
     async def next(self) -> dict[str, Any] | None:
         try:
-            return await unless_broken(self._stream.next(), self._d)
+            return await unless_broken(self._stream.next(), self._d, self._broken)
         except NotServable as e:
             raise not_servable(e) from None
 
     async def aclose(self) -> None:
+        """Close the stream and end its hold; again is harmless (the response closes it too)."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             await self._stream.aclose()
         finally:
@@ -127,8 +138,9 @@ class WakingTriton:
         except NotServable as e:
             await serving.__aexit__(None, None, None)
             raise not_servable(e) from None
+        broken = d.broken      # the stream's whole life answers to the stubs it started with
         try:
-            return _Held(await unless_broken(self.client.open_stream(model, body), d), serving, d)
+            return _Held(await unless_broken(self.client.open_stream(model, body), d, broken), serving, d, broken)
         except NotServable as e:
             await serving.__aexit__(None, None, None)
             raise not_servable(e) from None
