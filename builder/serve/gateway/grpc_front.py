@@ -130,7 +130,7 @@ class GrpcFront:
         call = None
 
         def cancel_upstream() -> None:      # a stub died: Triton may never answer this call
-            if call is not None:
+            if call is not None and not call.done():
                 call.cancel()
 
         held = _Held(self.hold, cancel_upstream)
@@ -155,6 +155,8 @@ class GrpcFront:
             assert self.channel is not None
             call = self.channel.stream_stream(method)(upstream_requests(),
                                                       metadata=forwarded_metadata(context.invocation_metadata()))
+            if held.died:                    # died while the call was being woken
+                call.cancel()
             try:
                 async for response in call:
                     yield response
@@ -163,10 +165,10 @@ class GrpcFront:
                     context.set_trailing_metadata(forwarded_metadata(trailing))
             except grpc.aio.AioRpcError as e:
                 await context.abort(e.code(), e.details() or "")
-            except asyncio.CancelledError:   # raised by the read of a call cancelled above
-                if not held.died:
+            except asyncio.CancelledError:   # raised by the read of a call cancelled for a death
+                if not (held.died and call.cancelled()):
                     raise
-            if held.died:
+            if held.died and call.cancelled():   # not a call that ended well just before the death
                 await context.abort(grpc.StatusCode.UNAVAILABLE, held.died)
             if refused:
                 await context.abort(*refused[0])
