@@ -80,7 +80,10 @@ class FakeTriton:
         body = json.loads(request.content)
         self.requests.append((path, body))
         if self.stub_dead:
-            return httpx.Response(400, json={"error": f"in ensemble '{model}', Stub process '{model}_0_0' is not healthy."})
+            error = {"error": f"in ensemble '{model}', Stub process '{model}_0_0' is not healthy."}
+            if path.endswith("/generate_stream"):     # Triton refuses a stream in one SSE event
+                return httpx.Response(400, content=f"data: {json.dumps(error)}\n\n".encode())
+            return httpx.Response(400, json=error)
         if path.endswith("/infer"):
             texts = body["inputs"][0]["data"]
             vectors = np.array([[len(t), 0.5, -1.25] for t in texts], dtype=np.float32)

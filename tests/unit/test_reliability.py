@@ -144,6 +144,27 @@ def test_a_stream_between_two_reads_when_its_stub_dies_fails_at_its_next_read():
     asyncio.run(scenario())
 
 
+def test_a_read_cancelled_because_its_client_left_leaves_no_task_behind():
+    """Starlette cancels a hung-up stream through an anyio scope, which cancels every later await
+    of the task too: the wait on the deployment's event must still be cancelled, not left on it
+    until the next stub death."""
+    import anyio
+
+    async def scenario():
+        d = Tracked("m:fp32", ("m",), 0.0)
+        never = asyncio.get_running_loop().create_future()
+        async with anyio.create_task_group() as group:
+            group.start_soon(unless_broken, never, d, d.broken)
+            await asyncio.sleep(0.05)
+            group.cancel_scope.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task() and not t.done()]
+        assert left == [] and never.cancelled()
+
+    asyncio.run(scenario())
+
+
 def test_triton_answer_for_a_dead_stub_is_a_retryable_503():
     error = triton_error(400, "in ensemble 'm', Stub process 'm-engine_0_0' is not healthy.", "m")
     assert error.status == 503 and error.headers["Retry-After"] == "5"

@@ -47,6 +47,7 @@ RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_ba
              ("grpc.max_reconnect_backoff_ms", 500)]
 
 SERVER_READY = SERVICE + "ServerReady"
+STREAM_INFER = SERVICE + "ModelStreamInfer"
 # deployment for a Triton model name -> async context that holds it loaded (WakingTriton.serving_model)
 Holder = Callable[[str], AbstractAsyncContextManager | None]
 # the deployments that cannot serve now although Triton says READY (Lifecycle.unready)
@@ -66,6 +67,12 @@ def model_named(method: str, message: bytes) -> str | None:
 
 def forwarded_metadata(metadata: Any) -> tuple[tuple[str, str | bytes], ...]:
     return tuple((m.key, m.value) for m in metadata or () if not m.key.startswith(_HOP_HEADERS))
+
+
+def _cancelling() -> bool:
+    """Whether this task itself is being cancelled (the client left), not just a call it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _Held:
@@ -157,18 +164,21 @@ class GrpcFront:
                                                       metadata=forwarded_metadata(context.invocation_metadata()))
             if held.died:                    # died while the call was being woken
                 call.cancel()
+            relayed = 0
             try:
                 async for response in call:
+                    relayed += 1
                     yield response
                 trailing = await call.trailing_metadata()
                 if trailing:
                     context.set_trailing_metadata(forwarded_metadata(trailing))
             except grpc.aio.AioRpcError as e:
                 await context.abort(e.code(), e.details() or "")
-            except asyncio.CancelledError:   # raised by the read of a call cancelled for a death
-                if not (held.died and call.cancelled()):
+            except asyncio.CancelledError:   # raised by the read of a call cancelled for a death,
+                if not (held.died and call.cancelled()) or _cancelling():   # not by the client leaving
                     raise
-            if held.died and call.cancelled():   # not a call that ended well just before the death
+            # not a unary call whose answer was relayed just before the death
+            if held.died and call.cancelled() and (relayed == 0 or method == STREAM_INFER):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, held.died)
             if refused:
                 await context.abort(*refused[0])

@@ -55,7 +55,9 @@ def stub_died(message: str) -> bool:
 
 
 def message_of(raw: bytes) -> str:
-    """The text of a Triton error answer (its `error` field, else the raw text)."""
+    """The text of a Triton error answer (its `error` field, else the raw text); a refused
+    generate_stream answers in one SSE event, `data: {"error": ...}`."""
+    raw = raw.strip().removeprefix(b"data:")
     try:
         data = json.loads(raw)
     except ValueError:
@@ -142,8 +144,7 @@ class TritonClient:
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
-            text = raw.decode("utf-8", "replace").strip()
-            raise triton_error(response.status_code, message_of(text.removeprefix("data:").strip().encode()), model)
+            raise triton_error(response.status_code, message_of(raw), model)
         return TritonStream(response, model)
 
     async def send_raw(self, path: str, headers: dict[str, str], content: bytes, model: str) -> httpx.Response:

@@ -125,8 +125,8 @@ async def _streamed(upstream: httpx.Response, d: Tracked | None, broken: asyncio
         except EngineDied as e:
             yield _error_event(str(e))
             return
-        except httpx.TransportError as e:
-            yield _error_event(f"the connection to Triton broke mid-stream ({type(e).__name__}); retry shortly")
+        except (httpx.HTTPError, httpx.StreamError) as e:
+            yield _error_event(f"Triton's stream broke ({type(e).__name__}); retry shortly")
             return
         if chunk is None:
             return

@@ -53,13 +53,13 @@ async def unless_broken(call: Awaitable[T], d: Tracked, broken: asyncio.Event | 
     try:
         await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not task.done():
+        waiter.cancel()      # first: under an anyio cancel scope (a client hung up), every await
+        if not task.done():  # below is cancelled again, and the waiter would stay on the event
             task.cancel()
             # bounded: a read cancelled because its stub died can hang in the connection's close
             # (seen in CI: two streams silent until the client's timeout), and the client would
             # never get its error
             await asyncio.wait({task}, timeout=CANCEL_WAIT)
-        waiter.cancel()
     if not task.done() or task.cancelled():
         raise EngineDied(f"a process serving {d.id} died while it ran this request; it is being reloaded: "
                          "retry in a few seconds", 5.0)
