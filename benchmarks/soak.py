@@ -129,11 +129,11 @@ def processes(serve_pid: int) -> dict[str, int]:
     return named
 
 
-def memory(named: dict[str, int]) -> dict[str, int]:
+def memory(named: dict[str, int], field: str = "VmRSS") -> dict[str, int]:
     out = {}
     for name, pid in named.items():
         try:
-            out[name] = rss_bytes(pid)
+            out[name] = rss_bytes(pid, field)
         except OSError:
             out[name] = 0
     return out
@@ -221,17 +221,26 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         time.sleep(min(window, args.seconds))          # warm-up: the first window
         named = processes(serve.process.pid)
-        rss = [memory(named)]
+        rss, shared = [memory(named)], [memory(named, "RssShmem")]
         while (left := until - time.monotonic()) > 1.0:
             time.sleep(min(window, left))
             rss.append(memory(named))
+            shared.append(memory(named, "RssShmem"))
         for t in threads:
             t.join()
         rss.append(memory(named))
+        shared.append(memory(named, "RssShmem"))
         result = report(samples, args.seconds, window, rss)
+        # how much of it is shared memory (the stubs' regions, touched page by page as tensors of
+        # new sizes pass: bounded by the region, not a leak); the rest is each process's own
+        result["rss_shmem_mib_by_window"] = {n: [round(x.get(n, 0) / 2**20, 1) for x in shared] for n in shared[0]}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print_report(result)
+    print("of which shared memory, MiB (after warm-up -> end):")
+    for name, mib in result["rss_shmem_mib_by_window"].items():
+        if mib[-1]:
+            print(f"  {name:<48} {mib[0]:>8} -> {mib[-1]:>8}")
     print(f"\nwritten to {args.output}")
     return 0 if result["unexpected_errors"] == 0 else 1
 

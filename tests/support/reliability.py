@@ -100,9 +100,11 @@ def busy(pid: int, window: float = 0.5) -> float:
     return (cpu_seconds(pid) - before) / window
 
 
-def rss_bytes(pid: int) -> int:
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """Resident bytes of a process; `field` RssShmem: the part that is shared memory (a Python
+    stub's and Triton's mappings of the stubs' regions count there)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
