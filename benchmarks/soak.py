@@ -221,15 +221,20 @@ def main(argv: list[str] | None = None) -> int:
             t.start()
         time.sleep(min(window, args.seconds))          # warm-up: the first window
         named = processes(serve.process.pid)
-        rss, shared = [memory(named)], [memory(named, "RssShmem")]
-        while (left := until - time.monotonic()) > 1.0:
-            time.sleep(min(window, left))
+        rss: list[dict[str, int]] = []
+        shared: list[dict[str, int]] = []
+
+        def sample() -> None:
             rss.append(memory(named))
             shared.append(memory(named, "RssShmem"))
+
+        sample()
+        while (left := until - time.monotonic()) > 1.0:
+            time.sleep(min(window, left))
+            sample()
         for t in threads:
             t.join()
-        rss.append(memory(named))
-        shared.append(memory(named, "RssShmem"))
+        sample()
         result = report(samples, args.seconds, window, rss)
         # how much of it is shared memory (the stubs' regions, touched page by page as tensors of
         # new sizes pass: bounded by the region, not a leak); the rest is each process's own

@@ -102,8 +102,9 @@ async def relay(request: Request, model: str, action: str, version: str | None =
     finally:
         with anyio.CancelScope(shield=True):
             await _close(upstream, held)
-    if upstream.status_code != 200 and stub_died(message_of(body)):   # Triton says 400: it is no client mistake
-        return refusal(503, f"{message_of(body)} (the gateway is reloading it: retry in a few seconds)", 5)
+    message = message_of(body) if upstream.status_code != 200 else ""
+    if stub_died(message):           # Triton says 400: it is no client mistake
+        return refusal(503, f"{message} (the gateway is reloading it: retry in a few seconds)", 5)
     return Response(body, status_code=upstream.status_code, headers=_picked(upstream.headers, _ANSWER_HEADERS))
 
 
