@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import json
+import queue
 import threading
 import time
 import traceback
@@ -18,6 +19,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.errors import RequestError
+from backends.stub_watch import StubWatch
 
 
 def parameters(args: dict) -> dict[str, str]:
@@ -83,9 +85,11 @@ def tensors(values: dict[str, np.ndarray], batch: bool = True, only: frozenset[s
             if only is None or k in only]
 
 
-def error_response(message: str, internal: bool = False):
-    """A client mistake answers HTTP 400 / gRPC INVALID_ARGUMENT; `internal` answers 500 / INTERNAL."""
-    code = pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+def error_response(message: str, internal: bool = False, unavailable: bool = False):
+    """A client mistake answers HTTP 400 / gRPC INVALID_ARGUMENT; `internal` answers 500 / INTERNAL;
+    `unavailable` (a model this one calls died: retry) 503 / UNAVAILABLE."""
+    code = (pb_utils.TritonError.UNAVAILABLE if unavailable else
+            pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG)
     return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code))
 
 
@@ -95,6 +99,9 @@ def guarded(role: str, fn: Callable, *args):
         return fn(*args)
     except RequestError as e:
         return error_response(str(e))
+    except CalleeGone as e:
+        pb_utils.Logger.log_warn(f"{role}: {e}")
+        return error_response(str(e), unavailable=True)
     except Exception as e:  # logged in full, answered briefly
         pb_utils.Logger.log_error(f"{role}: {traceback.format_exc()}")
         return error_response(f"internal error in {role}: {type(e).__name__}: {e}", internal=True)
@@ -158,11 +165,96 @@ def release_held() -> None:
     items.clear()
 
 
-def exec_decoupled(request) -> Iterator:
+# A watched call's request asks its callee for an empty first response at once (the CPU engine
+# sends one; other backends ignore the parameter): python_backend's exec() waits for the first
+# response on a thread of Triton's that an unload then waits for, so a call still in exec() when
+# its callee dies would keep the caller from ever unloading. After the first response, the wait
+# is the caller's own, in Python, where the watch below can end it.
+ACK = "serverless_triton_ack"
+ACK_PARAMETERS = {ACK: True}
+
+
+def wants_ack(request) -> bool:
+    """Whether the request asks for an empty first response (ACK)."""
+    try:
+        return bool(json.loads(request.parameters() or "{}").get(ACK))
+    except (AttributeError, ValueError, TypeError):
+        return False
+
+
+def send_ack(request) -> None:
+    if wants_ack(request):
+        request.get_response_sender().send(pb_utils.InferenceResponse(output_tensors=[]))
+
+
+class CalleeGone(Exception):
+    """The stub serving a decoupled BLS call died before its last response (see stub_watch)."""
+
+
+POLL_SECONDS = 0.5      # how often a call waiting for a response checks that its callee lives
+_END = object()
+
+
+def _pump(request, out: queue.SimpleQueue) -> None:
+    """Reader thread of a watched call: makes the call (exec itself waits for the first response)
+    and puts every response into `out`, then _END (with the error, if the call raised); the
+    finished iterator is held as below. It blocks for good inside a call whose callee died: a
+    thread and nothing else, as its caller has stopped waiting for it."""
+    try:
+        responses = request.exec(decoupled=True)
+    except BaseException as e:  # noqa: BLE001 -- handed to the caller
+        out.put((_END, e))
+        return
+    try:
+        for response in responses:
+            out.put((response, None))
+        out.put((_END, None))
+    except BaseException as e:  # noqa: BLE001 -- handed to the caller
+        out.put((_END, e))
+    _hold(responses)
+
+
+def _watched(request, alive: Callable[[], bool], callee: str) -> Iterator:
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_pump, args=(request, out), name="bls-responses", daemon=True).start()
+    done = False
+
+    def take():
+        while True:
+            try:
+                return out.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                if not alive():
+                    raise CalleeGone(f"{callee} died while it ran this request; it is being reloaded: "
+                                     "retry in a few seconds") from None
+
+    try:
+        while True:
+            response, error = take()
+            if response is _END:
+                done = True
+                if error is not None:
+                    raise error
+                return
+            yield response
+    finally:
+        try:
+            while not done:     # a caller that stops early still waits for the rest, as below
+                done = take()[0] is _END
+        except CalleeGone:
+            pass
+
+
+def exec_decoupled(request, watch: StubWatch | None = None) -> Iterator:
     """The responses of request.exec(decoupled=True). A caller that stops early (an error, a
     break) waits for the rest here, as the iterator itself would when destroyed; the iterator is
-    then held (see above) instead of being left to the stub's C++ thread."""
-    responses = request.exec(decoupled=True)
+    then held (see above) instead of being left to the stub's C++ thread. With `watch` (the
+    callee's stubs), a callee that dies mid-call raises CalleeGone instead of waiting for good."""
+    alive = watch.guard() if watch is not None else None
+    if alive is not None:
+        yield from _watched(request, alive, watch.model)
+        return
+    responses = request.exec(decoupled=True)   # returns with the first response
     done = False
     try:
         yield from responses

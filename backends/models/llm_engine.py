@@ -125,6 +125,7 @@ class TritonPythonModel:
                     self.engine.stop(r.request_id())
                     r.get_response_sender().send(flags=FINAL)
                     continue
+                io.send_ack(r)      # before any token: the caller's wait moves out of exec() (triton_io)
                 self.engine.submit(self._request(r))
             except RequestError as e:
                 r.get_response_sender().send(io.error_response(str(e)), flags=FINAL)

@@ -17,6 +17,7 @@ import triton_python_backend_utils as pb_utils
 from backends import triton_io as io
 from backends.metrics import ModelMetrics
 from backends.postprocess import finish_reason
+from backends.stub_watch import StubWatch
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 OUTPUTS = ["output_ids", "sequence_length"]
@@ -25,6 +26,7 @@ OUTPUTS = ["output_ids", "sequence_length"]
 class TritonPythonModel:
     def initialize(self, args):
         self.engine = io.parameters(args)["engine_model"]
+        self.engine_stubs = StubWatch(self.engine)     # a call inside a dead engine ends (triton_io)
         self.metrics = ModelMetrics(args["model_name"])
 
     def _count(self, r, answer) -> None:
@@ -39,9 +41,10 @@ class TritonPythonModel:
     def _one(self, r):
         inputs = [t for t in r.inputs() if t.name() != "streaming"]
         inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=np.bool_)))
-        call = pb_utils.InferenceRequest(model_name=self.engine, inputs=inputs, requested_output_names=OUTPUTS)
+        call = pb_utils.InferenceRequest(model_name=self.engine, inputs=inputs, requested_output_names=OUTPUTS,
+                                         parameters=io.ACK_PARAMETERS)
         answer = None
-        for response in io.exec_decoupled(call):   # held past the stub's cleanup (triton_io)
+        for response in io.exec_decoupled(call, self.engine_stubs):   # held past the stub's cleanup (triton_io)
             if response.has_error():
                 return io.error_response(response.error().message())
             if response.output_tensors():

@@ -18,6 +18,7 @@ from backends.errors import RequestError
 from backends.metrics import ModelMetrics
 from backends.postprocess import TextStream
 from backends.preprocess import utf8
+from backends.stub_watch import StubWatch
 from backends.tokenization import ModelTokenizer
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -38,6 +39,7 @@ class TritonPythonModel:
     def initialize(self, args):
         params = io.parameters(args)
         self.pre, self.engine = params["preprocessing_model"], params["engine_model"]
+        self.engine_stubs = StubWatch(self.engine)     # a stream inside a dead engine ends (triton_io)
         self.tok = ModelTokenizer.load(Path(args["model_repository"]) / args["model_version"] / "tokenizer")
         self.metrics = ModelMetrics(args["model_name"])
 
@@ -57,7 +59,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("stop", np.array([[True]], dtype=np.bool_))])
-        for _ in io.exec_decoupled(stop):
+        for _ in io.exec_decoupled(stop, self.engine_stubs):
             pass
 
     def _serve(self, r, sender) -> None:
@@ -71,9 +73,9 @@ class TritonPythonModel:
         key = f"stream-{uuid.uuid4().hex}"
         call = pb_utils.InferenceRequest(
             model_name=self.engine, request_id=key, requested_output_names=["output_ids", "sequence_length"],
-            inputs=[pb_utils.Tensor(engine, pre[name]) for name, engine in contract.PREPROCESSING_TO_ENGINE.items()])
+            parameters=io.ACK_PARAMETERS, inputs=[pb_utils.Tensor(engine, pre[name]) for name, engine in contract.PREPROCESSING_TO_ENGINE.items()])
         ended = ""      # why the engine request was stopped early: the rest of its responses is drained
-        for response in io.exec_decoupled(call):
+        for response in io.exec_decoupled(call, self.engine_stubs):
             if response.has_error():
                 raise RequestError(response.error().message())
             if not ended and io.is_cancelled(r):
@@ -110,6 +112,13 @@ class TritonPythonModel:
             self._serve(r, sender)
         except RequestError as e:
             sender.send(io.error_response(str(e)), flags=FINAL)
+        except io.CalleeGone as e:
+            self.metrics.failed("engine error")
+            pb_utils.Logger.log_warn(f"stream: {e}")
+            try:
+                sender.send(io.error_response(str(e), unavailable=True), flags=FINAL)
+            except Exception:
+                pass  # the client is gone
         except Exception as e:
             self.metrics.failed("engine error")
             pb_utils.Logger.log_error(f"stream: {e!r}")

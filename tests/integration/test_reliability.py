@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -37,7 +38,7 @@ from tests.support.reliability import (
     slow_llama,
     stub_pid,
 )
-from tests.support.serve import Serve, stop_serve
+from tests.support.serve import CLI, Serve, stop_serve
 
 pytestmark = pytest.mark.faults    # in make test; make test-faults runs only these
 
@@ -309,6 +310,13 @@ def kill_and_recover(serve: Serve, repository: Path, victim: str) -> tuple[list,
     """SIGKILL one piece while 4 clients stream; returns (outcomes, readiness seen while it was down)."""
     clients = StreamingClients(serve.url, MODEL, n=4, max_tokens=400, timeout=60,
                                routes=("v1", "v1", "v1", STREAM)).start()    # 3 /v1, 1 /v2 generate_stream
+
+    def whole_answer() -> None:     # in flight too: the ensemble's engine call waits inside the engine
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.post(f"{serve.url}/v2/models/{LLM}/generate", json={"text_input": "Once", "max_tokens": 400},
+                       timeout=60)
+    whole = threading.Thread(target=whole_answer)
+    whole.start()
     time.sleep(2)
     if victim == "engine stub":
         pid = stub_pid(repository, ENGINE)
@@ -318,6 +326,7 @@ def kill_and_recover(serve: Serve, repository: Path, victim: str) -> tuple[list,
     seen = [(ready(serve.url), grpc_ready(serve)) for _ in range(3)]
     wait_answered(serve.url)
     time.sleep(2)                                  # a few whole streams after recovery
+    whole.join(70)
     return clients.stop(), seen
 
 
@@ -351,6 +360,14 @@ def test_a_killed_piece_recovers_and_every_client_gets_an_answer_or_an_error(ser
     log = serve.output.read_text()
     if victim != "engine stub":
         assert "killed by SIGKILL" in log and "is back after" in log, log[-2000:]
+    else:
+        # the stream and engine-call stubs stopped waiting for the dead engine (backends/stub_watch),
+        # so nothing holds the deployment: it unloads (stuck in UNLOADING for good before), and wakes
+        unloaded = subprocess.run(CLI + ["unload", MODEL, "--state-dir", str(serve.state)], capture_output=True,
+                                  text=True, timeout=60)
+        assert unloaded.returncode == 0, unloaded.stdout + unloaded.stderr
+        assert [m for m in (STREAM, f"{LLM}-engine-call", ENGINE) if stub_pid(repository, m)] == []
+        assert answer(serve.url) == reference
 
 
 # -- stopping -------------------------------------------------------------------------------------

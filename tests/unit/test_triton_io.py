@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import time
 import types
 
@@ -26,7 +27,7 @@ class _Tensor:
 def io(monkeypatch):
     fake = types.ModuleType("triton_python_backend_utils")
     fake.Tensor = _Tensor
-    fake.TritonError = type("TritonError", (), {"INTERNAL": 1, "INVALID_ARG": 2})
+    fake.TritonError = type("TritonError", (), {"INTERNAL": 1, "INVALID_ARG": 2, "UNAVAILABLE": 3})
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
     sys.modules.pop("backends.triton_io", None)
     module = importlib.import_module("backends.triton_io")
@@ -101,3 +102,73 @@ def test_only_requested_outputs_are_made_and_none_named_means_all(io):
     assert [t.name() for t in io.tensors(values, only=io.requested_outputs(_Request(0)))] == ["a"]
     assert [t.name() for t in io.tensors(values, only=io.requested_outputs(_Request(0, outputs=())))] == ["a", "b"]
     assert [t.name() for t in io.tensors(values, only=io.requested_outputs(object()))] == ["a", "b"]
+
+
+# -- a call whose callee dies (backends/stub_watch) -----------------------------------------------
+class _Watch:
+    """Stands in for StubWatch: the callee is alive while `alive` is set."""
+
+    def __init__(self, seen: bool = True):
+        self.model, self.seen, self.alive = "engine", seen, threading.Event()
+        self.alive.set()
+
+    def guard(self):
+        return self.alive.is_set if self.seen else None
+
+
+class _Hanging:
+    """A decoupled call that sends `n` responses, then waits like a call inside a dead stub."""
+
+    def __init__(self, n, in_exec=False):
+        self.n, self.in_exec, self.release = n, in_exec, threading.Event()
+
+    def exec(self, decoupled):
+        if self.in_exec:            # python_backend's exec() returns with the first response
+            self.release.wait()
+        return self._responses()
+
+    def _responses(self):
+        yield from range(self.n)
+        self.release.wait()
+
+
+@pytest.mark.parametrize("in_exec", [False, True], ids=["between responses", "before the first"])
+def test_a_watched_call_ends_with_callee_gone_once_its_callee_dies(io, monkeypatch, in_exec):
+    monkeypatch.setattr(io, "POLL_SECONDS", 0.02)
+    watch, call = _Watch(), _Hanging(3, in_exec)
+    got = []
+    threading.Timer(0.2, watch.alive.clear).start()
+    started = time.monotonic()
+    with pytest.raises(io.CalleeGone, match="engine died while it ran this request"):
+        for x in io.exec_decoupled(call, watch):
+            got.append(x)
+    assert time.monotonic() - started < 2
+    assert got == ([] if in_exec else [0, 1, 2])
+    call.release.set()
+
+
+def test_a_watched_call_yields_every_response_and_holds_the_finished_iterator(io):
+    watch, call = _Watch(), _Request(4)
+    assert list(io.exec_decoupled(call, watch)) == [0, 1, 2, 3]
+    deadline = time.monotonic() + 2
+    while not io._held:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert io._held[-1][1] is call.iterator
+    early = _Request(5)
+    for x in io.exec_decoupled(early, watch):
+        if x == 1:
+            break                        # still drained to the end, as unwatched
+    assert early.iterator.finished and early.iterator.i == 5
+
+
+def test_a_call_whose_callee_cannot_be_seen_waits_as_before(io):
+    assert list(io.exec_decoupled(_Request(3), _Watch(seen=False))) == [0, 1, 2]
+
+
+def test_an_error_of_a_watched_call_reaches_its_caller(io):
+    class Failing:
+        def exec(self, decoupled):
+            raise RuntimeError("exec failed")
+    with pytest.raises(RuntimeError, match="exec failed"):
+        list(io.exec_decoupled(Failing(), _Watch()))
