@@ -11,7 +11,7 @@ import triton_python_backend_utils as pb_utils
 from backends import triton_io as io
 from backends.errors import RequestError
 from backends.guided import check_guide, check_penalties
-from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest, PromptLookup
 from backends.metrics import ModelMetrics
 from backends.preprocess import list_to_words
 from backends.sampling import check_sampling
@@ -28,11 +28,13 @@ class TritonPythonModel:
         self._kv_read = 0.0
         self.engine = ContinuousBatchingEngine(engine_dir, int(params["context_size"]),
                                                int(params["max_batch_size"]),
-                                               on_step=self._on_step if self.metrics.on else None)
+                                               on_step=self._on_step if self.metrics.on else None,
+                                               prompt_lookup=PromptLookup() if params.get("prompt_lookup") == "true"
+                                               else None)
         # the runtime setting in use (backends/cpu_runtime.py): one key=value line tests and operators read
         pb_utils.Logger.log_info(f"engine {args['model_name']} runtime: " + " ".join(
             f"{k}={v}" for k, v in self.engine.runtime.as_dict().items() if k != "reason")
-            + f" ({self.engine.runtime.reason})")
+            + f" prompt_lookup={self.engine.prompt_lookup is not None} ({self.engine.runtime.reason})")
 
     def _on_step(self, running: int, waiting: int) -> None:
         """Gauges after each engine step (the KV cache read at most every 0.5 s)."""

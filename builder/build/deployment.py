@@ -14,6 +14,7 @@ A deployment file (TOML) describes several models and the serving edge:
     max_batch_size = 8
     idle_timeout = 600                        # serving: unloaded after 10 idle minutes (0: never)
     max_queue = 16                            # serving: requests queued past max_batch_size, then 429
+    prompt_lookup = false                     # CPU LLM: prompt-lookup decoding for answers that copy the prompt
 
     [[models]]
     name = "all-minilm-l6-v2"
@@ -53,6 +54,7 @@ class DeploymentSpec:
     pooling: str | None = None              # embedding: override when the checkpoint has no 1_Pooling
     idle_timeout: int | None = None         # serving: seconds idle before unloaded (serve --idle-timeout otherwise)
     max_queue: int | None = None            # serving: queued past max_batch_size before 429 (serve --max-queue otherwise)
+    prompt_lookup: bool = False             # CPU LLM engine: prompt-lookup decoding for every request
     # TensorRT-LLM only
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -85,6 +87,14 @@ class DeploymentSpec:
             raise InvalidArgumentError(f"{self.name}: idle_timeout must be whole seconds >= 0 (0: never unloaded)")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
             raise InvalidArgumentError(f"{self.name}: max_queue must be a whole number of requests >= 0")
+        if not isinstance(self.prompt_lookup, bool):
+            raise InvalidArgumentError(f"{self.name}: prompt_lookup must be true or false")
+        if self.prompt_lookup and self.kind != "llm":
+            raise InvalidArgumentError(f"{self.name}: prompt_lookup is for LLM deployments: remove it from this "
+                                       f"{self.kind} deployment")
+        if self.prompt_lookup and self.engine == "tensorrt-llm":
+            raise InvalidArgumentError(f"{self.name}: prompt_lookup runs on the CPU engine only: remove it, or "
+                                       "build with engine = \"cpu\"")
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise InvalidArgumentError("tensor and pipeline parallel sizes must be at least 1")
 

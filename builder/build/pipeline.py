@@ -138,7 +138,7 @@ def _inputs_digest(spec: DeploymentSpec, precision: str, ckpt: Checkpoint, engin
                       "context_size": context, "max_batch_size": spec.max_batch_size, "pooling": spec.pooling,
                       "tp": spec.tensor_parallel, "pp": spec.pipeline_parallel,
                       "max_num_tokens": spec.max_num_tokens, "calibration": spec.calibration_dataset,
-                      "int8_kv_cache": spec.int8_kv_cache, "code": code})
+                      "int8_kv_cache": spec.int8_kv_cache, "prompt_lookup": spec.prompt_lookup, "code": code})
 
 
 def build(specs: list[DeploymentSpec], opts: BuildOptions) -> BuildResult:
@@ -157,6 +157,9 @@ def _build(specs: list[DeploymentSpec], opts: BuildOptions, output: Path, steps:
         ckpt = resolve(spec.source, spec.kind, opts.cache_dir, lambda label, group=spec.name: steps.step(label, group))
         engine = resolve_engine(spec)
         target_for(spec.kind, engine)   # an unknown combination fails before any work
+        if spec.prompt_lookup and engine != "cpu":
+            raise InvalidArgumentError(f"{spec.name}: prompt_lookup runs on the CPU engine only, and this host "
+                                       "builds TensorRT-LLM: remove it, or build with --engine cpu")
         context = context_size_for(spec, ckpt)
         pending = []
         for precision in spec.precisions:

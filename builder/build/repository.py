@@ -86,11 +86,12 @@ class RepositoryWriter:
         return [dep.preprocessing, dep.postprocessing]
 
     def write_llm_cpu_engine(self, dep: DeploymentName, engine_dir: Path, context_size: int,
-                             max_batch_size: int) -> str:
+                             max_batch_size: int, prompt_lookup: bool = False) -> str:
         """The CPU engine model; the engine files move into its `1/engine/`."""
         model_dir = self.write_model("llm_engine", dep.llm_engine, deployment=str(dep), inputs=c.ENGINE_INPUTS,
                                      outputs=c.ENGINE_OUTPUTS, context_size=context_size,
-                                     max_batch_size=max_batch_size, precision=dep.precision)
+                                     max_batch_size=max_batch_size, precision=dep.precision,
+                                     prompt_lookup=prompt_lookup)
         shutil.move(str(engine_dir), str(model_dir / "1" / "engine"))
         return dep.llm_engine
 

@@ -17,7 +17,8 @@ from builder.paths import cache_root
 from builder.serve.storage import push as push_repository
 
 
-def _specs_from_options(source, name, kind, precision, context_size, max_batch_size, engine, pooling):
+def _specs_from_options(source, name, kind, precision, context_size, max_batch_size, engine, pooling,
+                        prompt_lookup=False):
     if source and Path(source).suffix == ".toml":
         specs, serving = load_deployment_file(Path(source))
         return specs, serving
@@ -28,7 +29,7 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
         name = default_name(kind)
     spec = DeploymentSpec(name=name, kind=kind, source=src, precisions=parse_precisions(precision),
                           context_size=context_size, max_batch_size=max_batch_size, engine=engine,
-                          pooling=pooling)
+                          pooling=pooling, prompt_lookup=prompt_lookup)
     return [spec], None
 
 
@@ -45,6 +46,10 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
 @click.option("--engine", type=click.Choice(ENGINES), default="auto", show_default=True,
               help="auto: TensorRT-LLM where tensorrt_llm and a GPU are present, else the CPU engine.")
 @click.option("--pooling", type=click.Choice(POOLINGS), help="Embeddings: pooling when the checkpoint has none.")
+@click.option("--prompt-lookup", is_flag=True,
+              help="CPU LLM: prompt-lookup decoding for every request (several tokens a step where the "
+                   "answer copies the prompt: summaries, RAG, code edits; slower on full batches of "
+                   "answers that copy nothing).")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("model_repository_out"),
               show_default=True, help="Triton model repository to write (created or updated).")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
@@ -54,8 +59,8 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
 @click.option("--dry-run", is_flag=True, help="Print the build plan and exit.")
 @click.option("--push", metavar="S3_URL", help="Push the repository to object storage after the build.")
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for --push.")
-def build_engines(source, name, kind, precision, context_size, max_batch_size, engine, pooling, output,
-                  cache_dir, force, dry_run, push, endpoint_url):
+def build_engines(source, name, kind, precision, context_size, max_batch_size, engine, pooling, prompt_lookup,
+                  output, cache_dir, force, dry_run, push, endpoint_url):
     """Build SOURCE into one engine per precision and a Triton model repository.
 
     SOURCE is a Hugging Face directory (config.json, *.safetensors, tokenizer.json), a GGUF file, or
@@ -69,7 +74,7 @@ def build_engines(source, name, kind, precision, context_size, max_batch_size, e
       build-engines deployment.toml -o repo
     """
     specs, _serving = _specs_from_options(source, name, kind, precision, context_size, max_batch_size, engine,
-                                          pooling)
+                                          pooling, prompt_lookup)
     if dry_run:
         click.echo(format_plan(specs, output, cache_dir))
         return

@@ -57,6 +57,10 @@ precisions = ["int8"]
     ("[[models]]\nname = 'a'\nprecisions = ['int3']\n", "unknown precision"),
     ("[[models]\nname = 'a'\n", "not valid TOML"),
     ("[[models]]\nname = 'a'\nmax_batch_size = 0\n", "max batch size"),
+    ("[[models]]\nname = 'a'\nprompt_lookup = 'yes'\n", "prompt_lookup must be true or false"),
+    ("[[models]]\nname = 'a'\nkind = 'embedding'\nprecisions = ['int8']\nprompt_lookup = true\n",
+     "prompt_lookup is for LLM deployments"),
+    ("[[models]]\nname = 'a'\nengine = 'tensorrt-llm'\nprompt_lookup = true\n", "CPU engine only"),
 ])
 def test_deployment_file_errors(tmp_path, text, match):
     f = tmp_path / "d.toml"
@@ -75,3 +79,18 @@ def test_spec_checks():
         DeploymentSpec("a", context_size=4)
     with pytest.raises(InvalidArgumentError, match="pooling"):
         DeploymentSpec("a", kind="embedding", pooling="max")
+
+
+def test_prompt_lookup_reaches_the_engine_config(tmp_path):
+    from backends.contract import tensors as contract
+    from builder.build import repository
+
+    f = tmp_path / "d.toml"
+    f.write_text("[[models]]\nname = 'chat'\nprecisions = ['int8']\nprompt_lookup = true\n")
+    (spec,), _ = load_deployment_file(f)
+    assert spec.prompt_lookup is True and DeploymentSpec("plain").prompt_lookup is False
+    for on in (True, False):
+        text = repository.render_config("llm_engine", name="chat-int8-engine", deployment="chat:int8",
+                                        inputs=contract.ENGINE_INPUTS, outputs=contract.ENGINE_OUTPUTS,
+                                        context_size=2048, max_batch_size=8, precision="int8", prompt_lookup=on)
+        assert f'key: "prompt_lookup" value: {{ string_value: "{str(on).lower()}" }}' in text, text

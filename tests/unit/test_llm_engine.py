@@ -11,7 +11,7 @@ from conftest import TINY_NAME
 
 from backends.contract.naming import DeploymentName
 from backends.errors import RequestError
-from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest, PromptLookup
 from backends.sampling import Sampling
 
 pytestmark = pytest.mark.slow
@@ -110,3 +110,34 @@ def test_multi_token_stop_sequence_ends_generation(engine):
 def test_refusals(engine, ids, n, match):
     with pytest.raises(RequestError, match=match):
         submit(engine, ids, n)
+
+
+# -- prompt-lookup decoding -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lookup_engine(tiny_repository):
+    e = ContinuousBatchingEngine(tiny_repository / DeploymentName(TINY_NAME, "fp32").llm_engine / "1" / "engine",
+                                 256, 4, prompt_lookup=PromptLookup())
+    yield e
+    e.shutdown()
+
+
+def test_prompt_lookup_keeps_greedy_output(engine, lookup_engine):
+    """(That it takes several tokens a step where the answer copies the prompt needs a real model:
+    tests/integration/test_prompt_lookup.py.)"""
+    start = [40, 41, 42, 43] * 3
+    plain = submit(engine, start, 48, end_id=-1)
+    assert plain.done.wait(60)
+    prompt = start + plain.ids + start
+    again = submit(engine, prompt, 48, end_id=-1, streaming=True)
+    looked = submit(lookup_engine, prompt, 48, end_id=-1, streaming=True)
+    assert again.done.wait(60) and looked.done.wait(60)
+    assert looked.ids == again.ids and looked.reason == again.reason == "length"
+
+
+def test_prompt_lookup_stops_and_cancels_like_the_plain_engine(lookup_engine):
+    stopped = submit(lookup_engine, [1, 2, 3], 200, streaming=True, end_id=-1, key="pl-1")
+    wait_tokens(stopped, 3)
+    lookup_engine.stop("pl-1")
+    assert stopped.done.wait(30) and stopped.reason == "stopped" and len(stopped.ids) < 200
+    whole = submit(lookup_engine, [7, 8, 9], 20, end_id=-1)
+    assert whole.done.wait(60) and len(whole.ids) == 20 and lookup_engine.live_requests == 0

@@ -426,7 +426,8 @@ def test_cpu_engine_interface_is_a_subset_of_the_tensorrtllm_config():
     try:
         text = repository.render_config("llm_engine", name=dep.llm_engine, deployment=str(dep),
                                         inputs=contract.ENGINE_INPUTS, outputs=contract.ENGINE_OUTPUTS,
-                                        context_size=2048, max_batch_size=8, precision="int8")
+                                        context_size=2048, max_batch_size=8, precision="int8",
+                                        prompt_lookup=False)
     except jinja2.exceptions.UndefinedError as e:
         pytest.fail(f"the llm_engine template wants new values ({e}): update this test's render call")
     cpu = parse_config(text)
