@@ -41,12 +41,15 @@ class PromptLookup:
     """Prompt-lookup decoding (openvino-genai's PromptLookupImpl): each step proposes the
     `candidates` tokens that followed the last `ngram` generated tokens where they occur earlier in
     the prompt, and one pass of the model verifies them all, so answers that copy their input
-    (summaries, RAG, code edits) take several tokens a step: ~2x at one client. Greedy output is
+    (summaries, RAG, code edits) take several tokens a step: 2.2x at one client. Greedy output is
     the plain engine's at fp32 (tested); engines with int8 dynamic quantization compute the
     verified tokens in other kernels and may pick the other of two near-tied tokens. Where nothing
-    is copied it wastes compute at full batches (0.57x at 8 clients, BENCHMARKS.md). A pipeline
+    is copied it wastes compute at full batches (0.66x at 8 clients, BENCHMARKS.md). A pipeline
     built for it takes only requests that use it, so it is a per-deployment choice."""
-    candidates: int = 5        # GenerationConfig.num_assistant_tokens
+    # 3 candidates a step: measured in-process (int8, 160 new tokens) against 2 and 5, tok/s plain ->
+    # 2 / 3 / 5: copying B1 126 -> 232 / 267 / 303, B8 452 -> 590 / 614 / 504; stories B8 694 -> 484 /
+    # 399 / 338. 3 keeps most of the one-client gain and costs least where nothing is copied.
+    candidates: int = 3        # GenerationConfig.num_assistant_tokens
     ngram: int = 3             # GenerationConfig.max_ngram_size
 
 # on_tokens(new_ids, final, finish_reason): finish_reason is "" until final, then
