@@ -88,11 +88,13 @@ class _Live:
     fresh: bool = True      # not yet through a successful step
 
 
-def ends_with_stop(generated: list[int], stops: list[list[int]]) -> int:
-    """Length of the stop sequence that `generated` ends with, or 0."""
-    for seq in stops:
-        if seq and len(generated) >= len(seq) and generated[-len(seq):] == seq:
-            return len(seq)
+def stop_end(generated: list[int], stops: list[list[int]], new_from: int) -> int:
+    """Where the first stop sequence that ends among the tokens from `new_from` on ends (the length
+    to keep), or 0. A step adds several tokens under prompt lookup, so one can end mid-step."""
+    for end in range(max(new_from, 0) + 1, len(generated) + 1):
+        for seq in stops:
+            if seq and end >= len(seq) and generated[end - len(seq):end] == seq:
+                return end
     return 0
 
 
@@ -267,6 +269,7 @@ class ContinuousBatchingEngine:
             self._deliver(req, [], True, "stopped" if stopped else "cancelled")
             return
         reason = ""
+        before = len(live.generated)
         while live.handle.can_read():
             for out in live.handle.read().values():
                 live.generated.extend(out.generated_ids)
@@ -274,14 +277,16 @@ class ContinuousBatchingEngine:
                     reason = "length"
                 elif out.finish_reason == og.GenerationFinishReason.STOP:
                     reason = "stop"
+        status = live.handle.get_status()
+        end = stop_end(live.generated, req.stop_sequences, before)
+        if end:
+            if not reason:
+                live.handle.cancel()  # a multi-token stop sequence: the pipeline does not know it
+            del live.generated[end:]
+            reason = "stop"
         req.generated_tokens = len(live.generated)
         if live.generated and not req.first_token_at:
             req.first_token_at = time.monotonic()
-        status = live.handle.get_status()
-        stop_len = ends_with_stop(live.generated, req.stop_sequences)
-        if stop_len and not reason:
-            live.handle.cancel()  # a multi-token stop sequence: the pipeline does not know it
-            reason = "stop"
         final = bool(reason) or status not in (og.GenerationStatus.RUNNING,)
         if final and not reason:
             reason = "length" if len(live.generated) >= req.max_new_tokens else "stop"

@@ -12,7 +12,10 @@ two shm sizes, Triton's pid, library dir, IPC handle, instance name `<model>_<gr
 among the children of this stub's own Triton. A stub started after the call cannot be serving it
 (a reload after the death), so it does not count; one started before it can (a reload that
 swapped instances just before the call). Where no stub of the callee is found at the call
-(/proc hidden, a renamed stub), nothing is watched: the call waits as it always did.
+(/proc hidden, a renamed stub, a callee that is no Python stub such as TensorRT-LLM), nothing is
+watched: the call waits as it always did. A call counts as alive while any such stub lives: exact
+for the CPU engine, which runs one instance; with several, a call inside the one that died would
+wait until the others die too.
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ def now_ticks() -> int:
 
 def scan(model: str, triton_pid: int) -> dict[int, int]:
     """pid -> start time of every live stub running an instance of `model` under `triton_pid`."""
-    found = {}
+    found: dict[int, int] = {}
     parent = str(triton_pid).encode()
-    for entry in os.scandir("/proc"):
+    try:
+        entries = list(os.scandir("/proc"))
+    except OSError:
+        return found
+    for entry in entries:
         if not entry.name.isdigit():
             continue
         try:
@@ -73,12 +80,12 @@ class StubWatch:
         self._stubs: dict[int, int] = {}
         self._scanned = float("-inf")
 
-    def stubs(self) -> dict[int, int]:
+    def stubs(self, now: bool = False) -> dict[int, int]:
         """The live stubs: the known ones re-checked (cheap), the whole of /proc rescanned when one
-        of them is gone or none is known (at most every RESCAN_SECONDS)."""
+        of them is gone or none is known (at most every RESCAN_SECONDS, unless `now`)."""
         with self._lock:
             known_alive = self._stubs and all(_started(p) == s for p, s in self._stubs.items())
-            if not known_alive and time.monotonic() - self._scanned >= RESCAN_SECONDS:
+            if not known_alive and (now or time.monotonic() - self._scanned >= RESCAN_SECONDS):
                 self._stubs, self._scanned = scan(self.model, self.triton_pid), time.monotonic()
             return {p: s for p, s in self._stubs.items() if _started(p) == s}
 
@@ -86,6 +93,7 @@ class StubWatch:
         """For a call starting now: a check that is true while a stub that may be serving it lives
         (one started no later than now); None when no stub of the model can be seen."""
         call_start = now_ticks() + 1        # start times are whole ticks: one tick of slack
-        if not any(s <= call_start for s in self.stubs().values()):
+        # a fresh scan when none is known alive: a call just after a death must see the new stub
+        if not any(s <= call_start for s in self.stubs(now=True).values()):
             return None
         return lambda: any(s <= call_start for s in self.stubs().values())

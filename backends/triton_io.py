@@ -19,7 +19,6 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backends.errors import RequestError
-from backends.stub_watch import StubWatch
 
 
 def parameters(args: dict) -> dict[str, str]:
@@ -166,12 +165,17 @@ def release_held() -> None:
 
 
 # A watched call's request asks its callee for an empty first response at once (the CPU engine
-# sends one; other backends ignore the parameter): python_backend's exec() waits for the first
+# sends one; only watched calls, into Python stubs, ask): python_backend's exec() waits for the first
 # response on a thread of Triton's that an unload then waits for, so a call still in exec() when
 # its callee dies would keep the caller from ever unloading. After the first response, the wait
 # is the caller's own, in Python, where the watch below can end it.
 ACK = "serverless_triton_ack"
-ACK_PARAMETERS = {ACK: True}
+
+
+def call_parameters(alive: Callable[[], bool] | None) -> dict:
+    """The BLS request parameters of a call watched by `alive` (StubWatch.guard()), or of one that
+    is not watched (None: nothing asked of the callee)."""
+    return {ACK: True} if alive is not None else {}
 
 
 def wants_ack(request) -> bool:
@@ -230,7 +234,11 @@ def _watched(request, alive: Callable[[], bool], callee: str) -> Iterator:
 
     try:
         while True:
-            response, error = take()
+            try:
+                response, error = take()
+            except CalleeGone:
+                done = True     # nothing more will come: answer the caller now
+                raise
             if response is _END:
                 done = True
                 if error is not None:
@@ -245,14 +253,14 @@ def _watched(request, alive: Callable[[], bool], callee: str) -> Iterator:
             pass
 
 
-def exec_decoupled(request, watch: StubWatch | None = None) -> Iterator:
+def exec_decoupled(request, alive: Callable[[], bool] | None = None, callee: str = "the model called") -> Iterator:
     """The responses of request.exec(decoupled=True). A caller that stops early (an error, a
     break) waits for the rest here, as the iterator itself would when destroyed; the iterator is
-    then held (see above) instead of being left to the stub's C++ thread. With `watch` (the
-    callee's stubs), a callee that dies mid-call raises CalleeGone instead of waiting for good."""
-    alive = watch.guard() if watch is not None else None
+    then held (see above) instead of being left to the stub's C++ thread. With `alive` (the
+    callee's StubWatch.guard(), taken as the request was made with call_parameters(alive)), a
+    callee that dies mid-call raises CalleeGone instead of waiting for good."""
     if alive is not None:
-        yield from _watched(request, alive, watch.model)
+        yield from _watched(request, alive, callee)
         return
     responses = request.exec(decoupled=True)   # returns with the first response
     done = False

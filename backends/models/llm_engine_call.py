@@ -41,10 +41,11 @@ class TritonPythonModel:
     def _one(self, r):
         inputs = [t for t in r.inputs() if t.name() != "streaming"]
         inputs.append(pb_utils.Tensor("streaming", np.array([[False]], dtype=np.bool_)))
+        alive = self.engine_stubs.guard()
         call = pb_utils.InferenceRequest(model_name=self.engine, inputs=inputs, requested_output_names=OUTPUTS,
-                                         parameters=io.ACK_PARAMETERS)
+                                         parameters=io.call_parameters(alive))
         answer = None
-        for response in io.exec_decoupled(call, self.engine_stubs):   # held past the stub's cleanup (triton_io)
+        for response in io.exec_decoupled(call, alive, self.engine):   # held past the stub's cleanup (triton_io)
             if response.has_error():
                 return io.error_response(response.error().message())
             if response.output_tensors():

@@ -59,7 +59,7 @@ class TritonPythonModel:
                     pb_utils.Tensor("input_lengths", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("request_output_len", np.ones((1, 1), np.int32)),
                     pb_utils.Tensor("stop", np.array([[True]], dtype=np.bool_))])
-        for _ in io.exec_decoupled(stop, self.engine_stubs):
+        for _ in io.exec_decoupled(stop, self.engine_stubs.guard(), self.engine):
             pass
 
     def _serve(self, r, sender) -> None:
@@ -71,11 +71,12 @@ class TritonPythonModel:
         notice = pre["NOTICE"].reshape(-1)[0]
         outputs = io.requested_outputs(r)
         key = f"stream-{uuid.uuid4().hex}"
+        alive = self.engine_stubs.guard()
         call = pb_utils.InferenceRequest(
             model_name=self.engine, request_id=key, requested_output_names=["output_ids", "sequence_length"],
-            parameters=io.ACK_PARAMETERS, inputs=[pb_utils.Tensor(engine, pre[name]) for name, engine in contract.PREPROCESSING_TO_ENGINE.items()])
+            parameters=io.call_parameters(alive), inputs=[pb_utils.Tensor(engine, pre[name]) for name, engine in contract.PREPROCESSING_TO_ENGINE.items()])
         ended = ""      # why the engine request was stopped early: the rest of its responses is drained
-        for response in io.exec_decoupled(call, self.engine_stubs):
+        for response in io.exec_decoupled(call, alive, self.engine):
             if response.has_error():
                 raise RequestError(response.error().message())
             if not ended and io.is_cancelled(r):

@@ -20,6 +20,9 @@ from builder.serve.storage import push as push_repository
 def _specs_from_options(source, name, kind, precision, context_size, max_batch_size, engine, pooling,
                         prompt_lookup=False):
     if source and Path(source).suffix == ".toml":
+        if prompt_lookup:
+            raise InvalidArgumentError("--prompt-lookup does not apply to a deployment file: set "
+                                       "prompt_lookup = true in its [[models]] table instead")
         specs, serving = load_deployment_file(Path(source))
         return specs, serving
     src = source or "default"

@@ -11,7 +11,7 @@ from conftest import TINY_NAME
 
 from backends.contract.naming import DeploymentName
 from backends.errors import RequestError
-from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest, PromptLookup
+from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest, PromptLookup, stop_end
 from backends.sampling import Sampling
 
 pytestmark = pytest.mark.slow
@@ -141,3 +141,20 @@ def test_prompt_lookup_stops_and_cancels_like_the_plain_engine(lookup_engine):
     assert stopped.done.wait(30) and stopped.reason == "stopped" and len(stopped.ids) < 200
     whole = submit(lookup_engine, [7, 8, 9], 20, end_id=-1)
     assert whole.done.wait(60) and len(whole.ids) == 20 and lookup_engine.live_requests == 0
+
+
+def test_a_stop_sequence_that_ends_inside_a_step_of_several_tokens_is_found_where_it_ends():
+    assert stop_end([1, 2, 3, 4, 5, 6], [[3, 4]], new_from=2) == 4            # inside the new tokens
+    assert stop_end([1, 2, 3, 4, 5, 6], [[2, 3]], new_from=2) == 3            # across old and new
+    assert stop_end([1, 2, 3, 4, 5, 6], [[1, 2]], new_from=2) == 0            # ended before: seen then
+    assert stop_end([1, 2, 3, 4, 5, 6], [[5, 6], [3]], new_from=2) == 3       # the first one to end wins
+    assert stop_end([1, 2], [[]], new_from=0) == 0
+
+
+def test_prompt_lookup_serves_sampled_and_penalized_requests(lookup_engine):
+    from backends.guided import Penalties
+    sampled = Collector()
+    sampled.request = GenerationRequest([7, 8, 9], 20, -1, Sampling(top_k=20, top_p=0.9, temperature=0.8, seed=3),
+                                        sampled, penalties=Penalties(0.5, 0.5))
+    lookup_engine.submit(sampled.request)
+    assert sampled.done.wait(60) and sampled.reason == "length" and len(sampled.ids) == 20

@@ -105,22 +105,13 @@ def test_only_requested_outputs_are_made_and_none_named_means_all(io):
 
 
 # -- a call whose callee dies (backends/stub_watch) -----------------------------------------------
-class _Watch:
-    """Stands in for StubWatch: the callee is alive while `alive` is set."""
-
-    def __init__(self, seen: bool = True):
-        self.model, self.seen, self.alive = "engine", seen, threading.Event()
-        self.alive.set()
-
-    def guard(self):
-        return self.alive.is_set if self.seen else None
-
-
 class _Hanging:
-    """A decoupled call that sends `n` responses, then waits like a call inside a dead stub."""
+    """A decoupled call that sends `n` responses, then waits like a call inside a dead stub (until
+    `release`, which the tests set so that a regression fails instead of hanging)."""
 
     def __init__(self, n, in_exec=False):
         self.n, self.in_exec, self.release = n, in_exec, threading.Event()
+        self.finished = False
 
     def exec(self, decoupled):
         if self.in_exec:            # python_backend's exec() returns with the first response
@@ -130,40 +121,49 @@ class _Hanging:
     def _responses(self):
         yield from range(self.n)
         self.release.wait()
+        self.finished = True
 
 
 @pytest.mark.parametrize("in_exec", [False, True], ids=["between responses", "before the first"])
 def test_a_watched_call_ends_with_callee_gone_once_its_callee_dies(io, monkeypatch, in_exec):
     monkeypatch.setattr(io, "POLL_SECONDS", 0.02)
-    watch, call = _Watch(), _Hanging(3, in_exec)
+    alive, call = threading.Event(), _Hanging(3, in_exec)
+    alive.set()
     got = []
-    threading.Timer(0.2, watch.alive.clear).start()
+    threading.Timer(0.2, alive.clear).start()
+    threading.Timer(5, call.release.set).start()        # a regression fails below instead of hanging
     started = time.monotonic()
     with pytest.raises(io.CalleeGone, match="engine died while it ran this request"):
-        for x in io.exec_decoupled(call, watch):
+        for x in io.exec_decoupled(call, alive.is_set, "engine"):
             got.append(x)
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 1, "the caller waited past its callee's death"
     assert got == ([] if in_exec else [0, 1, 2])
     call.release.set()
 
 
 def test_a_watched_call_yields_every_response_and_holds_the_finished_iterator(io):
-    watch, call = _Watch(), _Request(4)
-    assert list(io.exec_decoupled(call, watch)) == [0, 1, 2, 3]
+    call = _Request(4)
+    assert list(io.exec_decoupled(call, lambda: True, "engine")) == [0, 1, 2, 3]
     deadline = time.monotonic() + 2
     while not io._held:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert io._held[-1][1] is call.iterator
-    early = _Request(5)
-    for x in io.exec_decoupled(early, watch):
+
+
+def test_a_watched_caller_that_stops_early_waits_for_the_rest(io):
+    call = _Hanging(3)
+    threading.Timer(0.3, call.release.set).start()
+    started = time.monotonic()
+    for x in io.exec_decoupled(call, lambda: True, "engine"):
         if x == 1:
-            break                        # still drained to the end, as unwatched
-    assert early.iterator.finished and early.iterator.i == 5
+            break
+    assert call.finished and time.monotonic() - started >= 0.25
 
 
-def test_a_call_whose_callee_cannot_be_seen_waits_as_before(io):
-    assert list(io.exec_decoupled(_Request(3), _Watch(seen=False))) == [0, 1, 2]
+def test_a_call_that_is_not_watched_asks_nothing_of_its_callee_and_waits_as_before(io):
+    assert io.call_parameters(None) == {} and io.call_parameters(lambda: True) == {io.ACK: True}
+    assert list(io.exec_decoupled(_Request(3), None)) == [0, 1, 2]
 
 
 def test_an_error_of_a_watched_call_reaches_its_caller(io):
@@ -171,4 +171,4 @@ def test_an_error_of_a_watched_call_reaches_its_caller(io):
         def exec(self, decoupled):
             raise RuntimeError("exec failed")
     with pytest.raises(RuntimeError, match="exec failed"):
-        list(io.exec_decoupled(Failing(), _Watch()))
+        list(io.exec_decoupled(Failing(), lambda: True, "engine"))

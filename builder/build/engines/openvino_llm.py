@@ -187,7 +187,8 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
     models.append(w.write_llm_cpu_engine(dep, work, job.context_size, spec.max_batch_size, spec.prompt_lookup))
     models += w.write_llm_front(dep, job.ckpt.hf_dir, spec.max_batch_size)
     with job.step(f"measuring the engine's memory ({openvino_memory.LOAD_TEST_CLIENTS} concurrent requests)"):
-        memory = openvino_memory.measure(model_dir_engine(job), job.context_size, spec.max_batch_size)
+        memory = openvino_memory.measure(model_dir_engine(job), job.context_size, spec.max_batch_size,
+                                         spec.prompt_lookup)
     info = engine_info(job.precision, job.context_size, spec.max_batch_size, model_dir_engine(job), runtime, memory)
     info["prompt_lookup"] = spec.prompt_lookup
     return BuiltDeployment(models, {"infer": dep.llm, "stream": dep.llm_stream}, info, accuracy)

@@ -30,12 +30,13 @@ def rss_bytes() -> int:
 
 def load_test(engine_dir: Path, context_size: int, max_batch_size: int, clients: int = LOAD_TEST_CLIENTS,
               prompt: int = LOAD_TEST_PROMPT, new_tokens: int = LOAD_TEST_NEW_TOKENS,
-              properties: dict | None = None) -> dict:
+              properties: dict | None = None, prompt_lookup: bool = False) -> dict:
     """Run in this process: load the engine, serve `clients` concurrent requests, report RSS."""
-    from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest
+    from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest, PromptLookup
     from backends.sampling import Sampling
 
-    engine = ContinuousBatchingEngine(engine_dir, context_size, max_batch_size, properties=properties)
+    engine = ContinuousBatchingEngine(engine_dir, context_size, max_batch_size, properties=properties,
+                                      prompt_lookup=PromptLookup() if prompt_lookup else None)
     loaded = rss_bytes()
     prompt = max(1, min(prompt, context_size - new_tokens - 1))
     done = threading.Semaphore(0)
@@ -59,9 +60,11 @@ def load_test(engine_dir: Path, context_size: int, max_batch_size: int, clients:
             "completed": sum(1 for n, reason in generated if reason in ("length", "stop"))}
 
 
-def measure(engine_dir: Path, context_size: int, max_batch_size: int) -> dict:
-    """load_test in a fresh subprocess (this process has the build's other engines in memory)."""
-    job = json.dumps({"engine": str(engine_dir), "context_size": context_size, "max_batch_size": max_batch_size})
+def measure(engine_dir: Path, context_size: int, max_batch_size: int, prompt_lookup: bool = False) -> dict:
+    """load_test in a fresh subprocess (this process has the build's other engines in memory), on
+    the pipeline the deployment serves with."""
+    job = json.dumps({"engine": str(engine_dir), "context_size": context_size, "max_batch_size": max_batch_size,
+                      "prompt_lookup": prompt_lookup})
     proc = subprocess.run([sys.executable, "-m", __name__], check=False, input=job, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     if proc.returncode != 0:
@@ -72,4 +75,5 @@ def measure(engine_dir: Path, context_size: int, max_batch_size: int) -> dict:
 
 if __name__ == "__main__":
     args = json.loads(sys.stdin.read())
-    print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"])))
+    print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"],
+                               prompt_lookup=args.get("prompt_lookup", False))))
