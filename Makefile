@@ -32,8 +32,8 @@ demo: install nginx
 # then integration tests (real Triton, nginx, S3).
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests/unit
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q --durations=10 tests/unit
+	$(PY) -m pytest -q --durations=25 tests/integration
 
 # Only the fault injection (tests/integration/test_reliability.py, otherwise part of `make test`):
 # SIGKILLs, overload, hang-ups, stops (about 2 minutes).
