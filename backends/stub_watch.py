@@ -84,10 +84,12 @@ class StubWatch:
         """The live stubs: the known ones re-checked (cheap), the whole of /proc rescanned when one
         of them is gone or none is known (at most every RESCAN_SECONDS, unless `now`)."""
         with self._lock:
-            known_alive = self._stubs and all(_started(p) == s for p, s in self._stubs.items())
-            if not known_alive and (now or time.monotonic() - self._scanned >= RESCAN_SECONDS):
+            alive = {p: s for p, s in self._stubs.items() if _started(p) == s}
+            if (not alive or len(alive) < len(self._stubs)) and (
+                    now or time.monotonic() - self._scanned >= RESCAN_SECONDS):
                 self._stubs, self._scanned = scan(self.model, self.triton_pid), time.monotonic()
-            return {p: s for p, s in self._stubs.items() if _started(p) == s}
+                return dict(self._stubs)     # scan() kept only live stubs
+            return alive
 
     def guard(self) -> Callable[[], bool] | None:
         """For a call starting now: a check that is true while a stub that may be serving it lives
