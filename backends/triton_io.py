@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from backends.contract.faults import died_mid_request
 from backends.errors import RequestError
 
 
@@ -229,8 +230,7 @@ def _watched(request, alive: Callable[[], bool], callee: str) -> Iterator:
                 return out.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 if not alive():
-                    raise CalleeGone(f"{callee} died while it ran this request; it is being reloaded: "
-                                     "retry in a few seconds") from None
+                    raise CalleeGone(died_mid_request(callee)) from None
 
     try:
         while True:

@@ -25,6 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2
 
+from backends.contract.faults import died_mid_request
 from builder.serve.gateway.errors import ApiError
 from builder.serve.gateway.lifecycle import NotServable, Overloaded, Tracked
 
@@ -97,8 +98,7 @@ class _Held:
     async def _watch(self, deployment: str, broken: asyncio.Event) -> None:
         await broken.wait()
         if not self.died:
-            self.died = (f"a process serving {deployment} died while it ran this call; it is being "
-                         "reloaded: retry in a few seconds")
+            self.died = died_mid_request(f"a process serving {deployment}", "call")
             self.on_death()
 
     async def aclose(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from backends.contract.faults import died_mid_request
 from builder.serve.gateway.backpressure import in_flight_bound, queue_for
 from builder.serve.gateway.deployments import Catalog, Deployment
 from builder.serve.gateway.errors import ApiError, unavailable
@@ -61,8 +62,7 @@ async def unless_broken(call: Awaitable[T], d: Tracked, broken: asyncio.Event | 
             # never get its error
             await asyncio.wait({task}, timeout=CANCEL_WAIT)
     if not task.done() or task.cancelled():
-        raise EngineDied(f"a process serving {d.id} died while it ran this request; it is being reloaded: "
-                         "retry in a few seconds", 5.0)
+        raise EngineDied(died_mid_request(f"a process serving {d.id}"), 5.0)
     return task.result()
 
 
