@@ -46,11 +46,13 @@ bench: install nginx
 	$(PY) -m benchmarks.support.llamacpp
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-columns=min,mean,max,rounds
 
-# Not in test or bench: 8 mixed clients against a real serve for SOAK_SECONDS (default 600), then
-# requests, errors by kind, p50/p99 latency per window and every process's memory (docs/reliability.md).
+# Not in test or bench: 8 mixed clients against a real serve for SOAK_WARMUP (default 300) then
+# SOAK_SECONDS (default 600) seconds, then requests, errors by kind, p50/p99 latency per window and
+# every process's memory from the end of warm-up on (docs/reliability.md).
 SOAK_SECONDS ?= 600
+SOAK_WARMUP ?= 300
 soak: install nginx
-	SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m benchmarks.soak
+	SOAK_SECONDS=$(SOAK_SECONDS) SOAK_WARMUP=$(SOAK_WARMUP) $(PY) -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV) demo-output .pytest_cache .benchmarks

@@ -6,8 +6,14 @@ client mistakes (an unknown model, a bad max_tokens, a missing key) whose 4xx is
 answer. Every request is checked against what it should get; anything else is an unexpected error
 (goal: none). Latency p50/p99 per kind is reported for each time window, and the resident memory of
 every process of the serve (serve itself, tritonserver, each Python stub, the gateway, nginx) at
-the end of every window from warm-up (the first window) on (goal: under 5% growth; the growth over
-the second half tells a leak, which keeps growing, from a cache that fills up).
+the end of every window after warm-up (goal: under 5% growth; the growth over the second half tells a
+leak, which keeps growing, from a cache that fills up).
+
+Warm-up (SOAK_WARMUP, default 300 s) is the same mix from the same clients before the measured
+SOAK_SECONDS, its requests checked and counted like the others. It is as long as it is because a
+process's memory settles only once it has met the traffic's variety: the LLM engine's working
+memory follows the batch compositions it has stepped (how many sequences, how many prompt tokens
+at once), and the encoder's the merged batch shapes; both level off (docs/reliability.md, Soak).
 
 Not part of `make test` or `make bench`: `make soak` (SOAK_SECONDS=60 make soak for a short run), or
 `.venv/bin/python -m benchmarks.soak --seconds 60` from the repository root.
@@ -94,6 +100,7 @@ def one_request(client: httpx.Client, url: str, key: str, kind: str, i: int) -> 
 
 
 def client_loop(url: str, key: str, index: int, until: float, t0: float, samples: list[Sample]) -> None:
+    """Requests from `index` on in the mix until `until`; `at` of each sample counts from `t0`."""
     with httpx.Client(timeout=120) as client:
         i = index
         while time.monotonic() < until:
@@ -149,16 +156,17 @@ def percentile(values: list[float], q: float) -> float:
 LATENCY_KINDS = ("chat", "chat_stream", "v2_generate", "embeddings")
 
 
-def report(samples: list[Sample], seconds: float, window: float, rss: list[dict[str, int]]) -> dict:
-    """`rss`: every process's resident bytes at the end of each window from warm-up on; growth is
-    reported from warm-up to the end and over the second half (a leak keeps growing there, a
-    cache that fills up does not)."""
+def report(samples: list[Sample], seconds: float, window: float, rss: list[dict[str, int]],
+           warmup: float = 0.0) -> dict:
+    """`samples` from the start of warm-up (`at` < 0 during it); `rss`: every process's resident
+    bytes at the end of warm-up and of each window after it; growth is reported from there to the
+    end and over the second half (a leak keeps growing there, a cache that fills up does not)."""
     rss_start, rss_middle, rss_end = rss[0], rss[len(rss) // 2], rss[-1]
     unexpected = [s for s in samples if s.status != EXPECTED[s.kind]]
     windows = []
-    for w in range(int(seconds // window) + (1 if seconds % window else 0)):
+    for w in range(int(warmup // -window), int(seconds // window) + (1 if seconds % window else 0)):
         inside = [s for s in samples if w * window <= s.at < (w + 1) * window and s.status == EXPECTED[s.kind]]
-        row = {"from_s": w * window, "requests": len(inside)}
+        row = {"from_s": w * window, "requests": len(inside)}     # from_s < 0: warm-up
         for kind in LATENCY_KINDS:
             lat = [s.seconds * 1000 for s in inside if s.kind == kind]
             row[kind] = {"p50_ms": round(percentile(lat, 0.5), 1), "p99_ms": round(percentile(lat, 0.99), 1)}
@@ -166,7 +174,8 @@ def report(samples: list[Sample], seconds: float, window: float, rss: list[dict[
     growth = {n: round(100.0 * (rss_end.get(n, 0) - v) / v, 2) for n, v in rss_start.items() if v}
     second_half = {n: round(100.0 * (rss_end.get(n, 0) - v) / v, 2) for n, v in rss_middle.items() if v}
     return {
-        "machine": cpu_description(), "seconds": seconds, "clients": CLIENTS, "requests": len(samples),
+        "machine": cpu_description(), "seconds": seconds, "warmup_seconds": warmup, "clients": CLIENTS,
+        "requests": len(samples), "requests_after_warmup": sum(1 for s in samples if s.at >= 0),
         "by_kind": dict(Counter(s.kind for s in samples)),
         "unexpected_errors": len(unexpected),
         "errors_by_kind": {f"{k} -> {v}": n for (k, v), n in Counter((s.kind, s.status) for s in unexpected).items()},
@@ -183,7 +192,8 @@ def report(samples: list[Sample], seconds: float, window: float, rss: list[dict[
 
 
 def print_report(r: dict) -> None:
-    print(f"\nsoak: {r['requests']} requests in {r['seconds']:.0f} s by {r['clients']} clients on {r['machine']}")
+    print(f"\nsoak: {r['requests']} requests in {r['warmup_seconds']:.0f} s of warm-up and {r['seconds']:.0f} s "
+          f"after it by {r['clients']} clients on {r['machine']}")
     print(f"unexpected errors: {r['unexpected_errors']}  {r['errors_by_kind'] or ''}")
     print(f"expected client errors (4xx asked for): {r['expected_client_errors']}")
     print(f"{'window':>8} {'requests':>8}  " + "  ".join(f"{k + ' p50/p99 ms':>26}" for k in LATENCY_KINDS))
@@ -200,6 +210,8 @@ def print_report(r: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=float(os.environ.get("SOAK_SECONDS", "600")))
+    p.add_argument("--warmup", type=float, default=float(os.environ.get("SOAK_WARMUP", "300")),
+                   help="seconds of the same traffic before the measured ones [300]")
     p.add_argument("--window", type=float, default=None, help="report window in seconds [seconds / 10]")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "soak.json")
     args = p.parse_args(argv)
@@ -213,13 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     with Serve(root / "repo", run, "--idle-timeout", "0") as serve:
         key = serve.create_key("soak")
         samples: list[Sample] = []
-        t0 = time.monotonic()
+        t0 = time.monotonic() + args.warmup           # the measured time starts after warm-up
         until = t0 + args.seconds
         threads = [threading.Thread(target=client_loop, args=(serve.url, key, i, until, t0, samples))
                    for i in range(CLIENTS)]
         for t in threads:
             t.start()
-        time.sleep(min(window, args.seconds))          # warm-up: the first window
+        time.sleep(args.warmup)
         named = processes(serve.process.pid)
         rss: list[dict[str, int]] = []
         shared: list[dict[str, int]] = []
@@ -235,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for t in threads:
             t.join()
         sample()
-        result = report(samples, args.seconds, window, rss)
+        result = report(samples, args.seconds, window, rss, args.warmup)
         # how much of it is shared memory (the stubs' regions, touched page by page as tensors of
         # new sizes pass: bounded by the region, not a leak); the rest is each process's own
         result["rss_shmem_mib_by_window"] = {n: [round(x.get(n, 0) / 2**20, 1) for x in shared] for n in shared[0]}
