@@ -92,11 +92,17 @@ class DeploymentSpec:
         if self.prompt_lookup and self.kind != "llm":
             raise InvalidArgumentError(f"{self.name}: prompt_lookup is for LLM deployments: remove it from this "
                                        f"{self.kind} deployment")
-        if self.prompt_lookup and self.engine == "tensorrt-llm":
-            raise InvalidArgumentError(f"{self.name}: prompt_lookup runs on the CPU engine only: remove it, or "
-                                       "build with engine = \"cpu\"")
+        if self.engine != "auto":
+            self.check_engine_features(self.engine)
         if self.tensor_parallel < 1 or self.pipeline_parallel < 1:
             raise InvalidArgumentError("tensor and pipeline parallel sizes must be at least 1")
+
+    def check_engine_features(self, engine: str) -> None:
+        """Refuse what `engine` cannot do: here when the engine is named, again by the build once
+        `auto` has become one."""
+        if self.prompt_lookup and engine != "cpu":
+            raise InvalidArgumentError(f"{self.name}: prompt_lookup runs on the CPU engine only, and this deployment "
+                                       f"builds {engine}: remove it, or build with engine = \"cpu\" (--engine cpu)")
 
 
 @dataclass

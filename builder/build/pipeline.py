@@ -157,9 +157,7 @@ def _build(specs: list[DeploymentSpec], opts: BuildOptions, output: Path, steps:
         ckpt = resolve(spec.source, spec.kind, opts.cache_dir, lambda label, group=spec.name: steps.step(label, group))
         engine = resolve_engine(spec)
         target_for(spec.kind, engine)   # an unknown combination fails before any work
-        if spec.prompt_lookup and engine != "cpu":
-            raise InvalidArgumentError(f"{spec.name}: prompt_lookup runs on the CPU engine only, and this host "
-                                       "builds TensorRT-LLM: remove it, or build with --engine cpu")
+        spec.check_engine_features(engine)
         context = context_size_for(spec, ckpt)
         pending = []
         for precision in spec.precisions:

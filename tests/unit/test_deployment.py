@@ -94,3 +94,10 @@ def test_prompt_lookup_reaches_the_engine_config(tmp_path):
                                         inputs=contract.ENGINE_INPUTS, outputs=contract.ENGINE_OUTPUTS,
                                         context_size=2048, max_batch_size=8, precision="int8", prompt_lookup=on)
         assert f'key: "prompt_lookup" value: {{ string_value: "{str(on).lower()}" }}' in text, text
+
+
+def test_prompt_lookup_is_refused_once_auto_resolves_to_tensorrt_llm():
+    spec = DeploymentSpec("llm", prompt_lookup=True)       # engine auto: accepted until it is resolved
+    spec.check_engine_features("cpu")
+    with pytest.raises(InvalidArgumentError, match="CPU engine only, and this deployment builds tensorrt-llm"):
+        spec.check_engine_features("tensorrt-llm")
