@@ -15,8 +15,8 @@ process's memory settles only once it has met the traffic's variety: the LLM eng
 memory follows the batch compositions it has stepped (how many sequences, how many prompt tokens
 at once), and the encoder's the merged batch shapes; both level off (docs/reliability.md, Soak).
 
-Not part of `make test` or `make bench`: `make soak` (SOAK_SECONDS=60 make soak for a short run), or
-`.venv/bin/python -m benchmarks.soak --seconds 60` from the repository root.
+Not part of `make test` or `make bench`: `make soak` (SOAK_SECONDS=60 SOAK_WARMUP=30 make soak for a
+short run), or `.venv/bin/python -m benchmarks.soak --seconds 60 --warmup 30` from the repository root.
 Writes benchmarks/results/soak.json. The default models (SmolLM2 int8, MiniLM int8) are built once
 into the cache (build-engines skips unchanged deployments).
 """
