@@ -34,6 +34,10 @@ from backends.sampling import Sampling
 log = logging.getLogger(__name__)
 
 STOP_KEY_TTL = 300.0
+# How often each live request asks whether its client cancelled it. In a Triton stub every
+# `is_cancelled()` is a round trip to the server process (~73 us measured, per request and step):
+# 4% of the engine's time at 8-32 clients when asked every step. A cancel then lands within this.
+CANCEL_CHECK_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,15 @@ class _Live:
     generated: list[int] = field(default_factory=list)
     sent: int = 0
     fresh: bool = True      # not yet through a successful step
+    cancel_checked_at: float = 0.0      # time.monotonic() of the last is_cancelled() asked
+
+    def cancelled(self) -> bool:
+        """The client cancelled the request: asked at most every CANCEL_CHECK_S."""
+        now = time.monotonic()
+        if now - self.cancel_checked_at < CANCEL_CHECK_S:
+            return False
+        self.cancel_checked_at = now
+        return self.request.is_cancelled()
 
 
 def stop_end(generated: list[int], stops: list[list[int]], new_from: int) -> int:
@@ -263,7 +276,7 @@ class ContinuousBatchingEngine:
         og = self._og
         req = live.request
         stopped = self._take_stop(req.key)
-        if stopped or req.is_cancelled():
+        if stopped or live.cancelled():
             live.handle.cancel()
             self._live.pop(rid)
             self._deliver(req, [], True, "stopped" if stopped else "cancelled")

@@ -8,7 +8,8 @@ prompt), 128 new tokens, greedy, at 1, 8 and 32 concurrent clients (`llama-serve
 -t 2`). Rounds interleave the engines; figures are medians of the rounds.
 
 Faithfulness: the share of our fp32 engine's greedy text (token for token equal to transformers)
-that each engine reproduces before its first difference, averaged over 24 prompts.
+that each engine reproduces before its first difference, averaged over 72 prompts (one near-tie
+decides a prompt's share, so fewer prompts leave a ~0.05 standard error: 24 did).
 
 Goals (issue 18): int8 >= 1.0x / 2.0x / 3.0x llama.cpp Q8_0 at 1 / 8 / 32 clients, int4 the same
 against Q4; faithfulness int8 >= Q8_0's and int4 >= Q4's.
@@ -59,7 +60,12 @@ def chat(text: str) -> str:
 
 
 LOAD_PROMPTS = [chat(f"Write a long, detailed story about {t}.") for t in TOPICS] * 4      # 32 clients
-FAITHFULNESS_PROMPTS = [chat(q) for q in QUESTIONS] + [chat(f"Tell me about {t}.") for t in TOPICS]
+SUBJECTS = ("volcanoes", "the moon", "honey bees", "the Roman Empire", "electric cars", "chess", "coffee", "glaciers",
+            "the internet", "octopuses", "jazz", "solar panels", "the printing press", "rain forests", "submarines",
+            "bread")
+FAITHFULNESS_PROMPTS = ([chat(q) for q in QUESTIONS] + [chat(f"Tell me about {t}.") for t in TOPICS]
+                        + [chat(form.format(s)) for s in SUBJECTS
+                           for form in ("Tell me about {}.", "Explain {} to a child.", "Write a short poem about {}.")])
 RESULTS: dict = {"tokens_per_s": {}, "faithfulness": {}}
 
 
@@ -158,7 +164,10 @@ def test_llamacpp_peer(benchmark, peer, ours):
             texts[f"llama.cpp {qtype}"] = greedy_texts(url, "peer")
     reference = texts.pop("ours fp32")
     for name, got in texts.items():
-        RESULTS["faithfulness"][name] = round(statistics.mean(map(reproduced, reference, got)), 3)
+        shares = list(map(reproduced, reference, got))
+        RESULTS["faithfulness"][name] = round(statistics.mean(shares), 3)
+        RESULTS.setdefault("faithfulness_standard_error", {})[name] = round(
+            statistics.stdev(shares) / len(shares) ** 0.5, 3)
 
     runs: dict[str, list[float]] = {}
 
@@ -185,7 +194,8 @@ def test_llamacpp_peer(benchmark, peer, ours):
         print(f"  {k:28s} {v:8.1f}")
     print("ratios:", json.dumps(ratios))
     print("faithfulness to fp32 (share of its greedy text before the first difference, "
-          f"{len(FAITHFULNESS_PROMPTS)} prompts):", json.dumps(RESULTS["faithfulness"]))
+          f"{len(FAITHFULNESS_PROMPTS)} prompts):", json.dumps(RESULTS["faithfulness"]),
+          "standard error:", json.dumps(RESULTS["faithfulness_standard_error"]))
     out = Path(__file__).parent / "results" / "llamacpp.json"
     out.write_text(json.dumps(RESULTS, indent=1) + "\n")
     for name, share in RESULTS["faithfulness"].items():

@@ -76,7 +76,8 @@ def test_streaming_chunks_equal_the_whole_output(engine):
     assert len(streamed.chunks) > 5 and streamed.ids == whole.ids and whole.reason == "length"
 
 
-def test_stop_by_key_and_client_cancellation(engine):
+def test_stop_by_key_and_client_cancellation(engine, monkeypatch):
+    monkeypatch.setattr("backends.llm_engine.CANCEL_CHECK_S", 0.0)   # the tiny model outruns 0.1 s
     stopped = submit(engine, [1, 2, 3], 200, streaming=True, end_id=-1, key="req-1")
     wait_tokens(stopped, 3)
     engine.stop("req-1")
@@ -87,6 +88,20 @@ def test_stop_by_key_and_client_cancellation(engine):
     gone.set()
     assert cancelled.done.wait(30) and cancelled.reason == "cancelled"
     assert engine.live_requests == 0
+
+
+def test_cancellation_is_asked_at_most_every_interval(engine):
+    """In a stub every is_cancelled() is a round trip to Triton: asked at most every
+    CANCEL_CHECK_S per request, not on each of the hundreds of steps."""
+    from backends.llm_engine import CANCEL_CHECK_S
+
+    asked = []
+    done = submit(engine, [7, 8, 9], 200, end_id=-1, is_cancelled=lambda: asked.append(time.monotonic()) or False)
+    assert done.done.wait(120) and done.reason == "length" and len(done.ids) == 200
+    assert asked, "cancellation was never asked"
+    took = done.finished_at - done.request.admitted_at
+    assert len(asked) <= took / CANCEL_CHECK_S + 2, (len(asked), took)
+    assert all(b - a >= CANCEL_CHECK_S for a, b in zip(asked, asked[1:]))
 
 
 def test_timestamps_for_metrics(engine):
