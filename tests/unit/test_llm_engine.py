@@ -105,6 +105,22 @@ def test_cancellation_is_asked_at_most_every_interval(engine):
     assert all(b - a >= CANCEL_CHECK_S for a, b in itertools.pairwise(asked))
 
 
+def test_a_prompt_longer_than_one_prefill_chunk_gives_the_same_answer(engine, tiny_repository, monkeypatch):
+    """Prompts are prefilled in chunks of at most PREFILL_CHUNK_TOKENS (the scratch memory of a
+    step follows it): a prompt split over several steps is answered as one prefilled at once."""
+    monkeypatch.setattr("backends.llm_engine.PREFILL_CHUNK_TOKENS", 64)
+    chunked = ContinuousBatchingEngine(
+        tiny_repository / DeploymentName(TINY_NAME, "fp32").llm_engine / "1" / "engine", 256, 4)
+    try:
+        assert chunked._pipeline_args[1].max_num_batched_tokens == 64       # the scheduler it was built with
+        prompt = [(i * 37) % 200 + 3 for i in range(200)]       # > 3 chunks of 64
+        whole, split = submit(engine, prompt, 24, end_id=-1), submit(chunked, prompt, 24, end_id=-1)
+        assert whole.done.wait(60) and split.done.wait(60)
+        assert len(split.ids) == 24 and split.ids == whole.ids
+    finally:
+        chunked.shutdown()
+
+
 def test_timestamps_for_metrics(engine):
     done = submit(engine, [4, 5, 6], 6, end_id=-1)
     assert done.done.wait(60)
