@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backends import file_pages
 from backends.cpu_runtime import RUNTIME_CACHE, choose_for_host
 from backends.errors import RequestError
 from backends.guided import Penalties
@@ -158,6 +159,9 @@ class ContinuousBatchingEngine:
             props = {**props, "prompt_lookup": True}
         self._pipeline_args = (str(engine_dir), scheduler, "CPU", props)
         self.pipeline = og.ContinuousBatchingPipeline(*self._pipeline_args)
+        # the mapped weights, given back once a first answer has run every kernel (file_pages)
+        self._weights = Path(engine_dir) / "openvino_model.bin"
+        self._weights_paged_out = False
         self.rebuilds = 0
         self.on_step = on_step
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
@@ -320,6 +324,10 @@ class ContinuousBatchingEngine:
             self._deliver(req, live.generated, True, reason)
         if final:
             self._live.pop(rid, None)
+            if not self._weights_paged_out and reason in ("stop", "length"):
+                # prefill and decode have run: the CPU plugin holds its own repacked weights now
+                self._weights_paged_out = True
+                file_pages.page_out(self._weights)
 
     def _step_failed(self, error: Exception) -> None:
         """Answer every live request and build the pipeline again: a step that raised leaves it
@@ -344,6 +352,7 @@ class ContinuousBatchingEngine:
         try:
             self.pipeline = self._og.ContinuousBatchingPipeline(*self._pipeline_args)
             self.rebuilds += 1
+            self._weights_paged_out = False
         except Exception:
             log.exception("the pipeline could not be built again: the engine stops taking requests")
             self._stop.set()

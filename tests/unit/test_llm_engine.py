@@ -121,6 +121,30 @@ def test_a_prompt_longer_than_one_prefill_chunk_gives_the_same_answer(engine, ti
         chunked.shutdown()
 
 
+def test_the_mapped_weights_are_given_back_after_the_first_answer(tiny_repository):
+    """Once a first answer has run every kernel, the CPU plugin works from its own repacked
+    weights: the memory-mapped file's pages are given back (backends/file_pages.py), and the
+    engine keeps answering the same."""
+    from backends import file_pages
+
+    engine_dir = tiny_repository / DeploymentName(TINY_NAME, "fp32").llm_engine / "1" / "engine"
+    weights = engine_dir / "openvino_model.bin"
+    fresh = ContinuousBatchingEngine(engine_dir, 256, 4)
+    try:
+        first = submit(fresh, [9, 10, 11], 12, end_id=-1)
+        assert first.done.wait(60)
+        deadline = time.monotonic() + 10
+        while not fresh._weights_paged_out and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert weights.stat().st_size > 1 << 20
+        assert file_pages.resident_bytes(weights) < weights.stat().st_size // 4
+        again = submit(fresh, [9, 10, 11], 12, end_id=-1)
+        assert again.done.wait(60) and again.ids == first.ids
+    finally:
+        fresh.shutdown()
+
+
 def test_timestamps_for_metrics(engine):
     done = submit(engine, [4, 5, 6], 6, end_id=-1)
     assert done.done.wait(60)
