@@ -121,13 +121,16 @@ def test_a_prompt_longer_than_one_prefill_chunk_gives_the_same_answer(engine, ti
         chunked.shutdown()
 
 
-def test_the_mapped_weights_are_given_back_after_the_first_answer(tiny_repository):
+def test_the_mapped_weights_are_given_back_after_the_first_answer(tiny_repository, tmp_path):
     """Once a first answer has run every kernel, the CPU plugin works from its own repacked
     weights: the memory-mapped file's pages are given back (backends/file_pages.py), and the
-    engine keeps answering the same."""
+    engine keeps answering the same. A private copy: the module's other engines map the original."""
+    import shutil
+
     from backends import file_pages
 
-    engine_dir = tiny_repository / DeploymentName(TINY_NAME, "fp32").llm_engine / "1" / "engine"
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(tiny_repository / DeploymentName(TINY_NAME, "fp32").llm_engine / "1" / "engine", engine_dir)
     weights = engine_dir / "openvino_model.bin"
     fresh = ContinuousBatchingEngine(engine_dir, 256, 4)
     try:
