@@ -20,17 +20,21 @@ log = logging.getLogger(__name__)
 MADV_PAGEOUT = 21
 
 
+def _mapping(line: str) -> tuple[int, int, str] | None:
+    """(start, end, path) of a mapping's header line in /proc/self/maps or smaps (path "" for an
+    anonymous mapping); None for smaps' per-mapping field lines ("Rss:    4 kB")."""
+    parts = line.split(maxsplit=5)
+    if len(parts) < 5 or parts[0].endswith(":"):
+        return None
+    start, end = (int(x, 16) for x in parts[0].split("-"))
+    return start, end, parts[5].rstrip("\n") if len(parts) == 6 else ""
+
+
 def mapped_ranges(path: Path) -> list[tuple[int, int]]:
     """Address ranges [start, end) of this process's mappings of `path`."""
     target = str(Path(path).resolve())
-    ranges = []
     with open("/proc/self/maps") as maps:
-        for line in maps:
-            parts = line.split(maxsplit=5)
-            if len(parts) == 6 and parts[5].rstrip("\n") == target:
-                start, end = (int(x, 16) for x in parts[0].split("-"))
-                ranges.append((start, end))
-    return ranges
+        return [(m[0], m[1]) for m in map(_mapping, maps) if m and m[2] == target]
 
 
 def resident_bytes(path: Path) -> int:
@@ -38,9 +42,8 @@ def resident_bytes(path: Path) -> int:
     target, total, inside = str(Path(path).resolve()), 0, False
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
-            head = line.split(maxsplit=5)
-            if head and "-" in head[0] and len(head) >= 5 and not head[0].endswith(":"):
-                inside = len(head) == 6 and head[5].rstrip("\n") == target
+            if (m := _mapping(line)) is not None:
+                inside = m[2] == target
             elif inside and line.startswith("Rss:"):
                 total += int(line.split()[1]) * 1024
     return total

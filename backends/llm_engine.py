@@ -326,8 +326,8 @@ class ContinuousBatchingEngine:
             self._live.pop(rid, None)
             if not self._weights_paged_out and reason in ("stop", "length"):
                 # prefill and decode have run: the CPU plugin holds its own repacked weights now
-                self._weights_paged_out = True
                 file_pages.page_out(self._weights)
+                self._weights_paged_out = True
 
     def _step_failed(self, error: Exception) -> None:
         """Answer every live request and build the pipeline again: a step that raised leaves it
