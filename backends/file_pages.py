@@ -6,7 +6,7 @@ resident (file-backed, clean) beside the copies: 128 MB of the int8 SmolLM2 engi
 the memory budget and a container's memory limit count. `MADV_PAGEOUT` (Linux 5.4+) asks the
 kernel to reclaim them; clean file pages are simply dropped, so nothing is lost, and any page read
 again (an embedding row looked up in the original table) is faulted back in from the file.
-Measured on the int8 engine (docs/cpu-performance.md): 671 -> 535 MB after 8 x 1000-token prompts.
+Measured on the int8 engine (docs/cpu-performance.md): 671 -> 540 MB after 8 x 1000-token prompts.
 """
 
 from __future__ import annotations
