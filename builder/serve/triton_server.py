@@ -102,6 +102,11 @@ def repository_models(repository: Path) -> list[str]:
     return sorted(p.parent.name for p in Path(repository).glob("*/config.pbtxt"))
 
 
+# tritonserver's exit timeout once nothing can be in flight: time to unload the models (20 models
+# in 1-3 s on 2 cores), not to wait out a connection or a model stuck "live" (15 s each before)
+DRAINED_EXIT_TIMEOUT_S = 5
+
+
 @dataclass
 class TritonServer:
     """A tritonserver child process with explicit model control.
@@ -119,6 +124,11 @@ class TritonServer:
     load_models: list[str] | None = None  # None: every model folder (one with a config.pbtxt) of the repository
     extra_args: list[str] = field(default_factory=list)
     ready_timeout: float = 300.0            # seconds wait_ready() waits for every model
+    # On SIGTERM tritonserver waits this long for in-flight inferences, open client connections
+    # (idle keep-alive ones too) and model unloads; it counts a model whose reload failed as live
+    # until the end. Behind serve's proxy nginx and the gateway have drained every request first,
+    # so `serve` passes DRAINED_EXIT_TIMEOUT_S there.
+    exit_timeout_s: int = 15
     process: subprocess.Popen | None = None
     # Python-backend shared-memory regions (/dev/shm) of this server, named so stop() can remove
     # the ones a crashed or killed server leaves behind.
@@ -148,7 +158,7 @@ class TritonServer:
             # an extra stub per Python model before its real one: ~1.2 s of every cold start
             # (issue 16; measured, docs/serverless.md).
             "--disable-auto-complete-config",
-            "--exit-timeout-secs=15",
+            f"--exit-timeout-secs={self.exit_timeout_s}",
             "--log-verbose=0",
         ]
         rank0 = common + [

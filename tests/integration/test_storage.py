@@ -31,7 +31,7 @@ from builder.cli import main
 from builder.serve import storage
 from builder.serve.ports import free_port, free_ports
 from builder.serve.storage import INDEX_NAME, TransferSettings
-from builder.serve.triton_server import Ports, TritonServer
+from builder.serve.triton_server import DRAINED_EXIT_TIMEOUT_S, Ports, TritonServer
 from tests.support.s3 import start_s3_server
 
 MiB = 1 << 20
@@ -134,7 +134,10 @@ def answers(http: str) -> dict[str, list[str]]:
 
 
 def triton(repository: Path, cache_dir: Path, log: Path) -> TritonServer:
-    return TritonServer(repository, Ports(*free_ports(3)), cache_dir=cache_dir, log_path=log)
+    """Stopped once every request has answered: the short exit timeout spares the 15 s tritonserver
+    otherwise waits for a model whose reload failed (test_storage_faults)."""
+    return TritonServer(repository, Ports(*free_ports(3)), cache_dir=cache_dir, log_path=log,
+                        exit_timeout_s=DRAINED_EXIT_TIMEOUT_S)
 
 
 @pytest.fixture

@@ -84,9 +84,11 @@ def grpc_stream(url: str, model: str, max_chunks: int | None = None, **fields) -
 
 
 def generate(url: str, model: str, payload: dict, stream: bool = False) -> requests.Response:
+    """POST to Triton's generate endpoints. `Connection: close`: a keep-alive connection left open
+    would hold a stopping tritonserver for its whole exit timeout (it waits for open connections)."""
     endpoint = "generate_stream" if stream else "generate"
     return requests.post(f"http://{url}/v2/models/{model}/{endpoint}", data=json.dumps(payload), timeout=300,
-                         stream=stream)
+                         stream=stream, headers={"Connection": "close"})
 
 
 def sse_events(response: requests.Response) -> list[dict]:

@@ -206,14 +206,17 @@ def test_the_memory_budget_evicts_the_least_recently_used_idle_deployment():
     run(scenario())
 
 
-def test_a_measured_footprint_replaces_the_estimate():
+@pytest.mark.parametrize("measured,expected", [(123 * 2**20, 2**30), (3 * 2**30, 3 * 2**30)])
+def test_the_footprint_is_the_larger_of_the_build_figure_and_the_live_stubs(measured, expected):
+    """A stub measured right after its load holds less than it will under load (the build's figure):
+    the budget keeps the larger, so it never admits more than the machine holds once they serve."""
     async def scenario():
-        life = Lifecycle(FakeTriton(), memory_budget=10 * 2**30, measure=lambda d: 123 * 2**20)
+        life = Lifecycle(FakeTriton(), memory_budget=10 * 2**30, measure=lambda d: measured)
         d = llm("int8")
         d.memory_bytes = 2**30
         life.track([d])
         async with life.serving("m:int8"):
             pass
-        assert life.deployments["m:int8"].memory_bytes == 123 * 2**20
+        assert life.deployments["m:int8"].memory_bytes == expected
 
     run(scenario())

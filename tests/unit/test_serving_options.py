@@ -37,3 +37,15 @@ def test_idle_timeouts_from_the_deployment_file(tmp_path):
     f.write_text('[[models]]\nname = "a"\nidle_timeout = -5\n')
     with pytest.raises(InvalidArgumentError, match="idle_timeout must be whole seconds >= 0"):
         idle_timeouts(300, f)
+
+
+def test_tritonserver_exit_timeout_is_passed_through(tmp_path):
+    """tritonserver waits its exit timeout for idle client connections and for a model stuck live
+    after a failed reload: serve shortens it where its proxy has drained every request first."""
+    from builder.serve.triton_server import DRAINED_EXIT_TIMEOUT_S, TritonServer
+
+    default = TritonServer(tmp_path, tritonserver=tmp_path / "tritonserver").command()
+    drained = TritonServer(tmp_path, tritonserver=tmp_path / "tritonserver",
+                           exit_timeout_s=DRAINED_EXIT_TIMEOUT_S).command()
+    assert "--exit-timeout-secs=15" in default
+    assert f"--exit-timeout-secs={DRAINED_EXIT_TIMEOUT_S}" in drained and DRAINED_EXIT_TIMEOUT_S < 15
