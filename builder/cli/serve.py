@@ -35,7 +35,7 @@ from builder.serve.serving import (
     run_until_signalled,
 )
 from builder.serve.storage import is_s3_url
-from builder.serve.triton_server import DRAINED_EXIT_TIMEOUT_S, Ports, TritonServer
+from builder.serve.triton_server import DEFAULT_EXIT_TIMEOUT_S, DRAINED_EXIT_TIMEOUT_S, Ports, TritonServer
 
 
 @click.command(cls=Command)
@@ -134,7 +134,7 @@ def serve(repository, endpoint_url, http_port, grpc_port, metrics_port, metrics_
     server = TritonServer(repo, ports, address=address, metrics_address="127.0.0.1", tritonserver=tritonserver,
                           log_path=log_file,
                           ready_timeout=timeout, mpi_world_size=world_size,
-                          exit_timeout_s=DRAINED_EXIT_TIMEOUT_S if proxy else 15,
+                          exit_timeout_s=DRAINED_EXIT_TIMEOUT_S if proxy else DEFAULT_EXIT_TIMEOUT_S,
                           rank_models=rank_models, environment=engine_metrics_environment(engine_metrics))
     gateway = gateway_for(proxy, server, repo, idle, wake_timeout, parse_memory_budget(memory_budget),
                           metrics=not no_metrics, queues=queue_bounds(max_queue, deployment)) if proxy else None

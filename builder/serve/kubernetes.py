@@ -227,9 +227,12 @@ def _s3_annotations(endpoint: str | None, region: str) -> dict[str, str]:
             "serving.kserve.io/s3-region": region}
 
 
-def serve_environment(layout: Layout, repository: str) -> list[tuple[str, str]]:
-    """The `serve` options the container gets as environment variables (click's auto_envvar_prefix)."""
+def serve_environment(layout: Layout, repository: str, grace_s: int) -> list[tuple[str, str]]:
+    """The `serve` options the container gets as environment variables (click's auto_envvar_prefix).
+    `grace_s`: how long generations in flight may finish after SIGTERM (the deployment's timeout_s;
+    the pod's termination grace period adds the preStop sleep and the stop of Triton)."""
     env = [("REPOSITORY", repository), ("HTTP_PORT", str(HTTP_PORT)), ("GRPC_PORT", str(GRPC_PORT)),
+           ("GRACE", str(grace_s)),
            ("METRICS_PORT", str(METRICS_PORT)), ("PUBLIC_ADDRESSES", "0.0.0.0"), ("STATE_DIR", STATE_DIR),
            # serve's metrics endpoint on the pod address, for the ServiceMonitor (docs/monitoring.md).
            ("METRICS_ADDRESS", "0.0.0.0")]

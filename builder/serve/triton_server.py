@@ -105,6 +105,7 @@ def repository_models(repository: Path) -> list[str]:
 # tritonserver's exit timeout once nothing can be in flight: time to unload the models (20 models
 # in 1-3 s on 2 cores), not to wait out a connection or a model stuck "live" (15 s each before)
 DRAINED_EXIT_TIMEOUT_S = 5
+DEFAULT_EXIT_TIMEOUT_S = 15   # clients reach Triton directly: in-flight inferences may finish
 
 
 @dataclass
@@ -128,7 +129,7 @@ class TritonServer:
     # (idle keep-alive ones too) and model unloads; it counts a model whose reload failed as live
     # until the end. Behind serve's proxy nginx and the gateway have drained every request first,
     # so `serve` passes DRAINED_EXIT_TIMEOUT_S there.
-    exit_timeout_s: int = 15
+    exit_timeout_s: int = DEFAULT_EXIT_TIMEOUT_S
     process: subprocess.Popen | None = None
     # Python-backend shared-memory regions (/dev/shm) of this server, named so stop() can remove
     # the ones a crashed or killed server leaves behind.

@@ -161,6 +161,9 @@ def test_knative_scaling_comes_from_the_deployment_settings(rendered):
         assert p["model"]["storageUri"] == f"s3://models/prod-deployments/{name}/"   # its own prefix, '/'-ended
         assert p["model"]["runtime"] == k8s.RUNTIME_NAME and p["serviceAccountName"] == k8s.SERVICE_ACCOUNT
         assert p["timeout"] >= 300      # Knative's request timeout and drain time: long generations finish
+    runtime = _kinds(rendered[("knative", "cpu", False)][1])["ServingRuntime"][0]["spec"]["containers"][0]
+    grace = int({e["name"]: e.get("value") for e in runtime["env"]}["SERVERLESS_TRITON_SERVE_GRACE"])
+    assert grace == max(p["timeout"] for p in isvcs.values())   # serve drains as long as Knative waits
 
 
 def test_standard_mode_scales_on_tritons_queue_time(rendered):
@@ -177,6 +180,9 @@ def test_standard_mode_scales_on_tritons_queue_time(rendered):
         spec = d["spec"]["template"]["spec"]
         assert spec["terminationGracePeriodSeconds"] > 600        # the longest generation, plus the preStop wait
         env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        # serve lets generations in flight run that long after SIGTERM (its default, 30 s, cut them)
+        grace = int(env["SERVERLESS_TRITON_SERVE_GRACE"])
+        assert 600 <= grace <= spec["terminationGracePeriodSeconds"] - 10 - 10   # minus preStop and the stop
         assert env["SERVERLESS_TRITON_SERVE_REPOSITORY"] == f"s3://models/prod-deployments/{d['metadata']['name']}/"
         assert env["AWS_ENDPOINT_URL"] == "https://s3.example.com:9000"
         assert spec["containers"][0]["envFrom"] == [{"secretRef": {"name": k8s.S3_SECRET}}]

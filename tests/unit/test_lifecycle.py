@@ -213,10 +213,18 @@ def test_the_footprint_is_the_larger_of_the_build_figure_and_the_live_stubs(meas
     async def scenario():
         life = Lifecycle(FakeTriton(), memory_budget=10 * 2**30, measure=lambda d: measured)
         d = llm("int8")
-        d.memory_bytes = 2**30
+        d.build_bytes = d.memory_bytes = 2**30
         life.track([d])
         async with life.serving("m:int8"):
             pass
         assert life.deployments["m:int8"].memory_bytes == expected
+        await life.unload("m:int8")
+        rebuilt = llm("int8")        # a refreshed manifest with a smaller figure: the ratchet is reset
+        rebuilt.build_bytes = 2**29
+        life.track([rebuilt])
+        assert life.deployments["m:int8"].memory_bytes == 2**29
+        async with life.serving("m:int8"):
+            pass
+        assert life.deployments["m:int8"].memory_bytes == max(measured, 2**29)
 
     run(scenario())

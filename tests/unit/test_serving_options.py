@@ -44,8 +44,8 @@ def test_tritonserver_exit_timeout_is_passed_through(tmp_path):
     after a failed reload: serve shortens it where its proxy has drained every request first."""
     from builder.serve.triton_server import DRAINED_EXIT_TIMEOUT_S, TritonServer
 
-    default = TritonServer(tmp_path, tritonserver=tmp_path / "tritonserver").command()
-    drained = TritonServer(tmp_path, tritonserver=tmp_path / "tritonserver",
+    default = TritonServer(tmp_path, tritonserver=tmp_path / "tritonserver", cache_dir=tmp_path / "cache").command()
+    drained = TritonServer(tmp_path, tritonserver=tmp_path / "tritonserver", cache_dir=tmp_path / "cache",
                            exit_timeout_s=DRAINED_EXIT_TIMEOUT_S).command()
     assert "--exit-timeout-secs=15" in default
     assert f"--exit-timeout-secs={DRAINED_EXIT_TIMEOUT_S}" in drained and DRAINED_EXIT_TIMEOUT_S < 15

@@ -34,7 +34,7 @@ CHUNK = 16
 MEASURE_TIMEOUT_S = 900
 # classes measured at once: each subprocess spends much of its time in single-threaded work (start,
 # imports, the CPU plugin's graph rewrites in compile_model), so two overlap well even on 2 cores
-# (SmolLM2 int8, 3 classes: 12.4 s -> 7.7 s, identical figures)
+# (SmolLM2 int8, 3 classes: 12.4 s -> 7.7 s alone, ~5 s with the reference computed once; same figures)
 PARALLEL_CLASSES = 2
 _reference_logits: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
@@ -87,7 +87,9 @@ def measure_class(reference: Path, engine_dir: Path, ids: list[int], precision: 
                   ref: np.ndarray | None = None) -> dict:
     """The first (fastest) candidate of this class that passes the floors, measured in this
     process (whose ONEDNN_MAX_CPU_ISA the caller set), with the figures of those that failed.
-    `ref`: the reference's logits when the caller has them (the same fp32 figures on every class)."""
+    `ref`: the reference's logits when the caller has them (measure_settings computes them once on
+    the build host's own kernels; a capped class's fp32 logits differ from them by float rounding
+    only, which test_cpu_runtime checks by re-measuring each class against a capped reference)."""
     ref = logits(reference, ids, REFERENCE) if ref is None else ref
     refused = []
     for setting in candidates(cls, precision):

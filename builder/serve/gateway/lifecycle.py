@@ -64,7 +64,8 @@ class Tracked:
     id: str                          # name:precision
     models: tuple[str, ...]          # its Triton models, in load order
     idle_timeout: float              # seconds; 0: never unloaded
-    memory_bytes: int = 0            # measured at build time (manifest), 0 if unknown; then see _load
+    memory_bytes: int = 0            # what the budget counts: build_bytes, then see _load
+    build_bytes: int = 0             # measured at build time under load (manifest), 0 if unknown
     state: str = UNLOADED
     last_request: float = 0.0       # unix seconds
     in_flight: int = 0
@@ -78,6 +79,9 @@ class Tracked:
     max_in_flight: int = 0           # backpressure: max_batch_size + queue (0: no bound)
     overloaded: int = 0              # requests refused because the queue was full
     stub_restarts: int = 0           # reloads after a stub process died
+
+    def __post_init__(self) -> None:
+        self.memory_bytes = self.memory_bytes or self.build_bytes
     # set when a stub of the deployment dies: the requests inside it then fail at once (and a new
     # event serves the requests after the reload)
     broken: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
@@ -109,6 +113,8 @@ class Lifecycle:
             if d.id in known:
                 known[d.id].models, known[d.id].idle_timeout = d.models, d.idle_timeout
                 known[d.id].max_in_flight = d.max_in_flight
+                if known[d.id].build_bytes != d.build_bytes:   # rebuilt: its next load measures afresh
+                    known[d.id].build_bytes = known[d.id].memory_bytes = d.build_bytes
 
     async def sync(self) -> None:
         """Learn from Triton which deployments are loaded (at start, and every sweep: a repository
@@ -187,7 +193,7 @@ class Lifecycle:
         # the larger of the build's figure and the stubs' resident memory now: a freshly loaded
         # engine has not yet repacked its weights nor grown its KV cache (SmolLM2 int8: ~190 MB
         # loaded, ~590 MB after 8 concurrent 1k-token prompts), and the build measured it under load
-        d.memory_bytes = max(self.measure(d), d.memory_bytes)
+        d.memory_bytes = max(self.measure(d), d.build_bytes)
         d.cold_starts += 1
         d.last_cold_start_s = self.monotonic() - t0
         if self.on_cold_start is not None:

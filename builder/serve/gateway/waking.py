@@ -28,7 +28,7 @@ def tracked(deployments: list[Deployment], idle_timeout: float, idle_timeouts: d
     """What the lifecycle manages: each deployment with its idle timeout (its name's own, else the
     serve-wide one) and its in-flight bound (gateway/backpressure.py)."""
     return [Tracked(d.id, d.models, idle_timeouts.get(d.name, idle_timeouts.get(d.id, idle_timeout)),
-                    memory_bytes=d.memory_bytes,
+                    build_bytes=d.memory_bytes,
                     max_in_flight=in_flight_bound(d.max_batch_size, queue_for(d.name, d.id, max_queue, max_queues or {})))
             for d in deployments if d.models]
 
@@ -103,7 +103,7 @@ class WakingTriton:
     def refresh(self) -> None:
         """Follow the manifest (a pull may add or remove deployments)."""
         deployments = self.catalog.all()
-        stamp = tuple((d.id, *d.models) for d in deployments)
+        stamp = tuple((d.id, d.memory_bytes, *d.models) for d in deployments)   # a rebuild changes the figure
         if stamp != self._stamp:
             self.lifecycle.track(tracked(deployments, self.idle_timeout, self.idle_timeouts, self.max_queue,
                                          self.max_queues))
