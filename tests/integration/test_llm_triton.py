@@ -120,6 +120,15 @@ def test_manifest_records_precisions_honestly(llm_repository):
     assert 0.45 < sizes["fp16"] / sizes["fp32"] < 0.55
     assert 0.2 < sizes["int8"] / sizes["fp32"] < 0.3 and 0.2 < sizes["fp8"] / sizes["fp32"] < 0.3
     assert manifest.deployments[f"{LLM_NAME}:fp16"].accuracy["top1_agreement"] >= 0.99
+    # fused projections (openvino_fusion): never in the fp32 reference; where int8 kept them its IR
+    # has 90 MatMuls fewer (q/k/v three into one, gate/up two into one, in 30 layers)
+    rewrites = {p: manifest.deployments[f"{LLM_NAME}:{p}"].engine["ir_rewrites"] for p in LLM_PRECISIONS}
+    assert rewrites["fp32"] in ("moc", "none") and set(rewrites.values()) <= {"moc+fused", "moc", "none"}
+
+    def matmuls(precision: str) -> int:
+        xml = llm_repository / names(precision).llm_engine / "1" / "engine" / "openvino_model.xml"
+        return xml.read_text().count('type="MatMul"')
+    assert matmuls("int8") == matmuls("fp32") - (90 if rewrites["int8"] == "moc+fused" else 0)
 
 
 def test_unchanged_inputs_rebuild_nothing(llm_repository, build_cache, tiny_llama):

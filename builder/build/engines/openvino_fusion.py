@@ -1,0 +1,120 @@
+"""Projections that read the same input, fused into one MatMul at build time.
+
+A decoder layer runs seven weight MatMuls; q/k/v read the same normalized hidden state, and so do
+the MLP's gate and up. For one sequence each is a small matrix-vector product whose fixed cost
+(kernel dispatch, the two threads' barrier, the activations' dynamic quantization) is a large
+share of its time, so fusing them into one MatMul whose output is split again (as vLLM's
+QKVParallelLinear and MergedColumnParallelLinear do) saves work: SmolLM2-135M int8, served
+setting, in-process continuous batching, 3 interleaved rounds: 99-118 -> 124-161 tokens/s for
+one sequence, 608-748 -> 734-852 for 8, 1104-1322 -> 1242-1367 for 32.
+
+Only weights stored compressed are fused (a low-precision Constant decompressed by Convert,
+Subtract and Multiply with per-output-channel Constants), each output channel keeps its own row,
+zero point and scale, so every output element is the same dot product as before. The build keeps
+the fused IR only if its logits are bit-identical (openvino_llm.preoptimize).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+DECOMPRESSION_OPS = ("Convert", "Subtract", "Multiply")
+# Constant types whose data numpy reads and writes back exactly (fp8, int4, bf16 do not: left alone)
+EXACT_TYPES = ("u8", "i8", "f16", "f32")
+
+
+def _weight_tree(node, out_channels: int):
+    """The decompression subgraph feeding a MatMul's weights, as a nested tuple, or None when it is
+    not one this module can fuse (an op outside DECOMPRESSION_OPS, a Constant that is neither per
+    output channel nor a scalar, or plain uncompressed weights)."""
+    kind = node.get_type_name()
+    if kind == "Constant":
+        if node.get_output_element_type(0).get_type_name() not in EXACT_TYPES:
+            return None
+        shape = list(node.get_output_shape(0))
+        if shape and shape[0] == out_channels:
+            return ("rows", node)
+        if all(d == 1 for d in shape):
+            return ("shared", node)
+        return None
+    if kind not in DECOMPRESSION_OPS:
+        return None
+    children = tuple(_weight_tree(i.get_source_output().get_node(), out_channels) for i in node.inputs())
+    if any(c is None for c in children):
+        return None
+    return ("op", node, children)
+
+
+def _signature(tree) -> tuple:
+    """What must match for trees to fuse: ops, element types, and the shapes past axis 0."""
+    if tree[0] == "op":
+        node = tree[1]
+        return ("op", node.get_type_name(), str(node.get_output_element_type(0)),
+                tuple(_signature(c) for c in tree[2]))
+    node = tree[1]
+    shape = list(node.get_output_shape(0))
+    if tree[0] == "rows":
+        return ("rows", str(node.get_output_element_type(0)), tuple(shape[1:]))
+    return ("shared", str(node.get_output_element_type(0)), tuple(shape), node.get_data().tobytes())
+
+
+def _compressed(tree) -> bool:
+    """Weights stored compressed: the rows reach the MatMul through a Convert."""
+    return tree[0] == "op" and (tree[1].get_type_name() == "Convert" or any(_compressed(c) for c in tree[2]))
+
+
+def _build(trees: list, ops):
+    """One subgraph like the group's, its per-row Constants concatenated along axis 0."""
+    first = trees[0]
+    if first[0] == "rows":
+        data = np.concatenate([t[1].get_data() for t in trees], axis=0)
+        return ops.constant(data, dtype=first[1].get_output_element_type(0)).output(0)
+    if first[0] == "shared":
+        return first[1].output(0)
+    node = first[1]
+    inputs = [_build([t[2][i] for t in trees], ops) for i in range(len(first[2]))]
+    kind = node.get_type_name()
+    if kind == "Convert":
+        return ops.convert(inputs[0], node.get_output_element_type(0)).output(0)
+    if kind == "Subtract":
+        return ops.subtract(inputs[0], inputs[1]).output(0)
+    return ops.multiply(inputs[0], inputs[1]).output(0)
+
+
+def fuse_shared_input_matmuls(model) -> int:
+    """Fuse, in place, every group of MatMuls (x @ W^T, W compressed) that read the same tensor;
+    returns how many groups were fused."""
+    import openvino.opset13 as ops
+
+    groups: dict[tuple, list] = defaultdict(list)
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul":
+            continue
+        attrs = op.get_attributes()
+        if attrs.get("transpose_a") or not attrs.get("transpose_b") or op.get_output_partial_shape(0).rank.is_dynamic:
+            continue
+        weights = op.input(1).get_source_output()
+        if weights.get_partial_shape().is_dynamic or len(weights.get_shape()) != 2:
+            continue
+        tree = _weight_tree(weights.get_node(), weights.get_shape()[0])
+        if tree is None or not _compressed(tree):
+            continue
+        x = op.input(0).get_source_output()
+        groups[(x.get_node().get_name(), x.get_index(), _signature(tree))].append((op, tree))
+    fused = 0
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        matmul = ops.matmul(members[0][0].input(0).get_source_output(), _build([t for _, t in members], ops),
+                            False, True)
+        lengths = np.array([op.input(1).get_shape()[0] for op, _ in members], dtype=np.int64)
+        split = ops.variadic_split(matmul, ops.constant(np.int64(-1)), ops.constant(lengths))
+        for i, (op, _) in enumerate(members):
+            for target in list(op.output(0).get_target_inputs()):
+                target.replace_source_output(split.output(i))
+        fused += 1
+    if fused:
+        model.validate_nodes_and_infer_types()
+    return fused

@@ -1,0 +1,71 @@
+"""Projections that share an input fused into one MatMul (builder/build/engines/openvino_fusion.py),
+on small OpenVINO graphs compiled for this CPU: same outputs to the bit, fewer MatMuls, and
+graphs it must not touch left alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import openvino as ov
+import openvino.opset13 as ops
+import pytest
+
+from builder.build.engines.openvino_fusion import fuse_shared_input_matmuls
+
+IN = 64
+
+
+def compressed(rows: int, rng: np.random.Generator, weight_type=np.uint8):
+    """nncf's INT8_ASYM per-channel pattern: u8 rows, a zero point and a scale per output row."""
+    w = ops.constant(rng.integers(0, 127, (rows, IN)).astype(weight_type))
+    zp = ops.constant(rng.integers(40, 80, (rows, 1)).astype(weight_type))
+    scale = ops.constant(rng.uniform(0.001, 0.02, (rows, 1)).astype(np.float16))
+    sub = ops.subtract(ops.convert(w, ov.Type.f16), ops.convert(zp, ov.Type.f16))
+    return ops.convert(ops.multiply(sub, scale), ov.Type.f32)
+
+
+def model(weights: list) -> ov.Model:
+    x = ops.parameter([-1, IN], ov.Type.f32, name="x")
+    hidden = ops.relu(x)                          # the shared input, as a layer norm's output
+    outs = [ops.result(ops.matmul(hidden, w, False, True)) for w in weights]
+    return ov.Model(outs, [x])
+
+
+def run(m: ov.Model, x: np.ndarray) -> list[np.ndarray]:
+    compiled = ov.Core().compile_model(m, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    result = compiled(x)
+    return [result[o] for o in compiled.outputs]
+
+
+def count(m: ov.Model, kind: str) -> int:
+    return sum(op.get_type_name() == kind for op in m.get_ordered_ops())
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+def test_three_projections_become_one_matmul_with_the_same_outputs(tokens):
+    def build():                                 # the same weights in both models
+        rng = np.random.default_rng(7)
+        return model([compressed(48, rng), compressed(16, rng), compressed(16, rng)])
+
+    x = np.random.default_rng(1).standard_normal((tokens, IN)).astype(np.float32)
+    before, fused = build(), build()
+    assert fuse_shared_input_matmuls(fused) == 1
+    assert count(fused, "MatMul") == 1 and count(fused, "VariadicSplit") == 1
+    got, want = run(fused, x), run(before, x)
+    assert [g.shape for g in got] == [(tokens, 48), (tokens, 16), (tokens, 16)]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_uncompressed_or_lonely_weights_are_left_alone():
+    rng = np.random.default_rng(3)
+    plain = model([ops.constant(rng.standard_normal((8, IN)).astype(np.float32)),
+                   ops.constant(rng.standard_normal((8, IN)).astype(np.float32))])
+    assert fuse_shared_input_matmuls(plain) == 0 and count(plain, "MatMul") == 2   # fp32: the reference
+    single = model([compressed(8, rng)])
+    assert fuse_shared_input_matmuls(single) == 0
+
+
+def test_projections_of_different_layouts_are_not_fused_together():
+    """A zero point of another type makes another decompression: two groups of one, no fusion."""
+    rng = np.random.default_rng(5)
+    mixed = model([compressed(8, rng, np.uint8), compressed(8, rng, np.int8)])
+    assert fuse_shared_input_matmuls(mixed) == 0 and count(mixed, "MatMul") == 2
