@@ -5,8 +5,8 @@ the MLP's gate and up. For one sequence each is a small matrix-vector product wh
 (kernel dispatch, the two threads' barrier, the activations' dynamic quantization) is a large
 share of its time, so fusing them into one MatMul whose output is split again (as vLLM's
 QKVParallelLinear and MergedColumnParallelLinear do) saves work: SmolLM2-135M int8, served
-setting, in-process continuous batching, 3 interleaved rounds: 99-118 -> 124-161 tokens/s for
-one sequence, 608-748 -> 734-852 for 8, 1104-1322 -> 1242-1367 for 32.
+setting, in-process continuous batching, medians of 6 interleaved rounds: +10% for one sequence,
++8% for 8, +2% for 32 (docs/cpu-performance.md, "Fused projections").
 
 Only weights stored compressed are fused (a low-precision Constant decompressed by Convert,
 Subtract and Multiply with per-output-channel Constants), each output channel keeps its own row,
