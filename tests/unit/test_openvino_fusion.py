@@ -26,7 +26,7 @@ def compressed(rows: int, rng: np.random.Generator, weight_type=np.uint8):
 def model(weights: list) -> ov.Model:
     x = ops.parameter([-1, IN], ov.Type.f32, name="x")
     hidden = ops.relu(x)                          # the shared input, as a layer norm's output
-    outs = [ops.result(ops.matmul(hidden, w, False, True)) for w in weights]
+    outs = [ops.result(ops.relu(ops.matmul(hidden, w, False, True))) for w in weights]   # as RoPE or act
     return ov.Model(outs, [x])
 
 
@@ -69,3 +69,46 @@ def test_projections_of_different_layouts_are_not_fused_together():
     rng = np.random.default_rng(5)
     mixed = model([compressed(8, rng, np.uint8), compressed(8, rng, np.int8)])
     assert fuse_shared_input_matmuls(mixed) == 0 and count(mixed, "MatMul") == 2
+
+
+def scalar_zero_point(rows: int, rng: np.random.Generator, zero: int):
+    """u8 rows with one zero point for the whole tensor (a Constant shared, not per row)."""
+    w = ops.constant(rng.integers(0, 127, (rows, IN)).astype(np.uint8))
+    sub = ops.subtract(ops.convert(w, ov.Type.f32), ops.convert(ops.constant(np.array([[zero]], np.uint8)),
+                                                                 ov.Type.f32))
+    return ops.multiply(sub, ops.constant(rng.uniform(0.001, 0.02, (rows, 1)).astype(np.float32)))
+
+
+def test_a_shared_constant_must_be_the_same_to_fuse():
+    rng = np.random.default_rng(11)
+    differ = model([scalar_zero_point(8, rng, 3), scalar_zero_point(8, rng, 5)])
+    assert fuse_shared_input_matmuls(differ) == 0
+    x = np.random.default_rng(2).standard_normal((3, IN)).astype(np.float32)
+    same, fused = (model([scalar_zero_point(8, np.random.default_rng(4), 3),
+                          scalar_zero_point(8, np.random.default_rng(5), 3)]) for _ in range(2))
+    assert fuse_shared_input_matmuls(fused) == 1
+    assert all(np.array_equal(g, w) for g, w in zip(run(fused, x), run(same, x), strict=True))
+
+
+def test_a_matmul_that_is_a_model_output_keeps_its_own_tensor():
+    rng = np.random.default_rng(17)
+    x = ops.parameter([-1, IN], ov.Type.f32, name="x")
+    hidden = ops.relu(x)
+    m = ov.Model([ops.result(ops.matmul(hidden, compressed(8, rng), False, True)) for _ in range(2)], [x])
+    assert fuse_shared_input_matmuls(m) == 0
+
+
+def test_per_column_constants_and_fp16_weights_are_left_alone():
+    """A square weight scaled per input column ([in], broadcast from the last axis) is not rows;
+    fp16 weights are not integer weights."""
+    rng = np.random.default_rng(13)
+
+    def per_column():
+        w = ops.convert(ops.constant(rng.integers(0, 127, (IN, IN)).astype(np.uint8)), ov.Type.f32)
+        return ops.multiply(w, ops.constant(rng.uniform(0.001, 0.02, (IN,)).astype(np.float32)))
+
+    square = model([per_column(), per_column()])
+    assert fuse_shared_input_matmuls(square) == 0
+    half = model([ops.convert(ops.constant(rng.standard_normal((8, IN)).astype(np.float16)), ov.Type.f32)
+                  for _ in range(2)])
+    assert fuse_shared_input_matmuls(half) == 0

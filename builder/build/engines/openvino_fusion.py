@@ -5,11 +5,11 @@ the MLP's gate and up. For one sequence each is a small matrix-vector product wh
 (kernel dispatch, the two threads' barrier, the activations' dynamic quantization) is a large
 share of its time, so fusing them into one MatMul whose output is split again (as vLLM's
 QKVParallelLinear and MergedColumnParallelLinear do) saves work: SmolLM2-135M int8, served
-setting, in-process continuous batching, medians of 6 interleaved rounds: +10% for one sequence,
+setting, in-process continuous batching, medians of 6 interleaved rounds: +11% for one sequence,
 +8% for 8, +2% for 32 (docs/cpu-performance.md, "Fused projections").
 
-Only weights stored compressed are fused (a low-precision Constant decompressed by Convert,
-Subtract and Multiply with per-output-channel Constants), each output channel keeps its own row,
+Only integer weights are fused (a u8/i8 Constant decompressed by Convert, Subtract and Multiply
+with per-output-channel Constants, as nncf writes int8), each output channel keeps its own row,
 zero point and scale, so every output element is the same dot product as before. The build keeps
 the fused IR only if its logits are bit-identical (openvino_llm.preoptimize).
 """
@@ -23,6 +23,7 @@ import numpy as np
 DECOMPRESSION_OPS = ("Convert", "Subtract", "Multiply")
 # Constant types whose data numpy reads and writes back exactly (fp8, int4, bf16 do not: left alone)
 EXACT_TYPES = ("u8", "i8", "f16", "f32")
+INTEGER_WEIGHTS = ("u8", "i8")
 
 
 def _weight_tree(node, out_channels: int):
@@ -34,7 +35,7 @@ def _weight_tree(node, out_channels: int):
         if node.get_output_element_type(0).get_type_name() not in EXACT_TYPES:
             return None
         shape = list(node.get_output_shape(0))
-        if shape and shape[0] == out_channels:
+        if len(shape) == 2 and shape[0] == out_channels:   # [out, in] or [out, 1]: one row per output
             return ("rows", node)
         if all(d == 1 for d in shape):
             return ("shared", node)
@@ -52,7 +53,7 @@ def _signature(tree) -> tuple:
     if tree[0] == "op":
         node = tree[1]
         return ("op", node.get_type_name(), str(node.get_output_element_type(0)),
-                tuple(_signature(c) for c in tree[2]))
+                str(node.get_attributes().get("auto_broadcast", "")), tuple(_signature(c) for c in tree[2]))
     node = tree[1]
     shape = list(node.get_output_shape(0))
     if tree[0] == "rows":
@@ -61,8 +62,14 @@ def _signature(tree) -> tuple:
 
 
 def _compressed(tree) -> bool:
-    """Weights stored compressed: the rows reach the MatMul through a Convert."""
-    return tree[0] == "op" and (tree[1].get_type_name() == "Convert" or any(_compressed(c) for c in tree[2]))
+    """Integer weights: integer rows reach the MatMul through a Convert. (fp16 weights are left
+    alone: the rebuilt f16 -> f32 Convert would lose the decompression mark the CPU plugin keeps
+    such a Convert by, and with it the weights' handling.)"""
+    if tree[0] != "op":
+        return False
+    if tree[1].get_type_name() == "Convert" and tree[2][0][0] == "rows":
+        return tree[2][0][1].get_output_element_type(0).get_type_name() in INTEGER_WEIGHTS
+    return any(_compressed(c) for c in tree[2])
 
 
 def _build(trees: list, ops):
@@ -78,9 +85,10 @@ def _build(trees: list, ops):
     kind = node.get_type_name()
     if kind == "Convert":
         return ops.convert(inputs[0], node.get_output_element_type(0)).output(0)
+    broadcast = node.get_attributes().get("auto_broadcast", "numpy")
     if kind == "Subtract":
-        return ops.subtract(inputs[0], inputs[1]).output(0)
-    return ops.multiply(inputs[0], inputs[1]).output(0)
+        return ops.subtract(inputs[0], inputs[1], broadcast).output(0)
+    return ops.multiply(inputs[0], inputs[1], broadcast).output(0)
 
 
 def fuse_shared_input_matmuls(model) -> int:
@@ -101,6 +109,8 @@ def fuse_shared_input_matmuls(model) -> int:
         tree = _weight_tree(weights.get_node(), weights.get_shape()[0])
         if tree is None or not _compressed(tree):
             continue
+        if any(t.get_node().get_type_name() == "Result" for t in op.output(0).get_target_inputs()):
+            continue   # a model output keeps its own tensor (and its name)
         x = op.input(0).get_source_output()
         groups[(x.get_node().get_name(), x.get_index(), _signature(tree))].append((op, tree))
     fused = 0
