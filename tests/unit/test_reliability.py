@@ -9,6 +9,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -184,7 +185,10 @@ def test_stubs_are_found_by_their_model_path(tmp_path):
     model.write_text("import time\ntime.sleep(60)\n")
     assert "m-engine" not in running_stubs(repo)
     proc = subprocess.Popen([str(stub), str(model)])
-    try:
+    try:   # until the child has exec'd, /proc shows the parent's command line (a CI run saw that)
+        deadline = time.monotonic() + 10
+        while not running_stubs(repo) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert running_stubs(repo) == {"m-engine"}
     finally:
         proc.kill()
