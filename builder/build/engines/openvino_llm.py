@@ -40,6 +40,8 @@ from builder.build.engines.openvino_common import (
 from builder.build.engines.openvino_runtime import agreement
 from builder.build.sources.checkpoint import Checkpoint
 
+log = logging.getLogger(__name__)
+
 # A fixed, varied text for the teacher-forced accuracy figure (prose, numbers, code, dialogue).
 ACCURACY_TEXT = (
     "The Rhine rises in the Swiss Alps and flows north through Germany and the Netherlands before it "
@@ -140,46 +142,47 @@ def preoptimize(engine_dir: Path, ids: list[int], precision: str) -> str:
     engine_dir = Path(engine_dir)
     tmp = engine_dir / ".preoptimized"
     settings = list(dict.fromkeys([REFERENCE, candidates(host_isa_class(), precision)[0]]))
-    before: list[np.ndarray] = []
-    for variant in (["moc+fused", "moc"] if precision != "fp32" else ["moc"]):
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = ov.Core().read_model(engine_dir / MODEL_XML)
-        apply_moc_transformations(model, cf=True)
+    moc = ov.Core().read_model(engine_dir / MODEL_XML)
+    apply_moc_transformations(moc, cf=True)
+    variants = [("moc", moc)]
+    if precision != "fp32":
+        fused = moc.clone()
         try:
-            if variant == "moc+fused" and not fuse_shared_input_matmuls(model):
-                continue
-        except Exception as e:  # noqa: BLE001 -- a graph the fusion cannot rewrite: try MOC alone
+            if fuse_shared_input_matmuls(fused):
+                variants.insert(0, ("moc+fused", fused))
+        except Exception as e:  # noqa: BLE001 -- a graph the fusion cannot rewrite: MOC alone
             log.info("projections not fused: %s", e)
-            continue
-        tmp.mkdir()
-        ov.save_model(model, tmp / MODEL_XML, compress_to_fp16=False)
-        del model
-        if (tmp / MODEL_BIN).stat().st_size > 1.01 * (engine_dir / MODEL_BIN).stat().st_size:
-            continue
-        with ThreadPoolExecutor(2) as pool:   # two at a time: compile_model is mostly single-threaded
-            try:
-                before = before or list(pool.map(lambda s: openvino_runtime.logits(engine_dir, ids, s), settings))
-            except RuntimeError:   # a setting this host cannot run (int8 DQ under an AVX2 oneDNN cap)
-                break
-            try:
-                same = all(np.array_equal(a, b) for a, b in zip(
-                    before, pool.map(lambda s: openvino_runtime.logits(tmp, ids, s), settings), strict=True))
-            except RuntimeError:   # only the rewritten IR fails to compile or run: the next variant
-                continue
-        if same:   # replace the files (never write through: fp32's are hard links to the cached reference)
-            for name in (MODEL_XML, MODEL_BIN):
-                os.replace(tmp / name, engine_dir / name)
+    before: list[np.ndarray] = []
+    try:
+        for variant, model in variants:
             shutil.rmtree(tmp, ignore_errors=True)
-            return variant
-    shutil.rmtree(tmp, ignore_errors=True)
-    return ""
+            tmp.mkdir()
+            ov.save_model(model, tmp / MODEL_XML, compress_to_fp16=False)
+            if (tmp / MODEL_BIN).stat().st_size > 1.01 * (engine_dir / MODEL_BIN).stat().st_size:
+                continue
+            with ThreadPoolExecutor(2) as pool:   # two at a time: compile_model is mostly single-threaded
+                try:
+                    before = before or list(pool.map(lambda s: openvino_runtime.logits(engine_dir, ids, s),
+                                                     settings))
+                except RuntimeError:   # a setting this host cannot run (int8 DQ under an AVX2 oneDNN cap)
+                    return ""
+                try:
+                    same = all(np.array_equal(a, b) for a, b in zip(
+                        before, pool.map(lambda s: openvino_runtime.logits(tmp, ids, s), settings), strict=True))
+                except RuntimeError:   # only the rewritten IR fails to compile or run: the next variant
+                    continue
+            if same:   # replace the files (never write through: fp32's are hard links to the cached reference)
+                for name in (MODEL_XML, MODEL_BIN):
+                    os.replace(tmp / name, engine_dir / name)
+                return variant
+        return ""
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -- the engine target ------------------------------------------------------------------------
 
 LLM_PYTHON_MODELS = 5      # preprocessing, postprocessing, engine, engine call, stream
-_reference_logits: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
-log = logging.getLogger(__name__)
 
 
 def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
@@ -190,10 +193,9 @@ def reference_ir(ckpt: Checkpoint, cache_dir: Path, step) -> Path:
 
 
 def measure_accuracy(reference: Path, engine_dir: Path, ids: list[int], precision: str) -> dict:
-    key = (str(reference), tuple(ids))
-    if key not in _reference_logits:
-        _reference_logits[key] = teacher_forced_logits(reference, ids)
-    figures = agreement(_reference_logits[key], teacher_forced_logits(engine_dir, ids))
+    """The engine's teacher-forced logits against the reference's, which the runtime-setting
+    measurement shares (computed once per build process; f32 compute and KV cache either way)."""
+    figures = agreement(openvino_runtime.reference_logits(reference, ids), teacher_forced_logits(engine_dir, ids))
     floor = check_floor(precision, figures)
     return {"reference": "fp32", "method": "teacher-forced logits on a fixed text",
             "positions": len(ids), **figures, "floor": floor}
