@@ -28,12 +28,17 @@ prometheus:
 demo: install nginx
 	$(PY) -m builder.cli.demo
 
-# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers),
-# then integration tests (real Triton, nginx, S3).
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers; they
+# keep both cores busy alone), then integration tests (real Triton, nginx, S3), which wait on
+# servers half the time: two pytest-xdist workers (tests/conftest.py keeps each module on one worker
+# and the shared LLM build on one), then the timing-sensitive fault injection (`-m alone`) with the
+# machine to itself. Integration on 2 cores: 16 -> ~11 min.
+TEST_WORKERS ?= 2
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=10 tests/unit
-	$(PY) -m pytest -q --durations=25 tests/integration
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 -m "not alone" tests/integration
+	$(PY) -m pytest -q --durations=10 -m alone tests/integration
 
 # Only the fault injection (tests/integration/test_reliability.py, otherwise part of `make test`):
 # SIGKILLs, overload, hang-ups, stops (about 2 minutes).

@@ -36,6 +36,31 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"triton log {log}", "\n".join(tail)))
 
 
+# Parallel runs (`make test`: pytest-xdist, two workers): each module runs whole on one worker, so
+# its module-scoped servers start once, and the modules that use the session's four-precision LLM
+# build (`llm_repository`, the longest) share one worker, so it is built once. (xdist's own
+# `--dist loadgroup` cannot be used: it marks groups in the node id, which pytest 9 ignores.)
+LLM_REPOSITORY_MODULES = {"test_cpu_runtime", "test_llm_triton", "test_openai_api", "test_prompt_lookup"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "llm_repository" if Path(module).stem in LLM_REPOSITORY_MODULES else module
+
+    return ByModule(config, log)
+
+
+def pytest_itemcollected(item):
+    """Keeps LLM_REPOSITORY_MODULES true: a module that starts using the shared build must join it."""
+    if "llm_repository" in item.fixturenames and item.path.stem not in LLM_REPOSITORY_MODULES:
+        raise pytest.UsageError(f"{item.path.name} uses llm_repository: add it to LLM_REPOSITORY_MODULES "
+                                "in tests/conftest.py (one worker builds it)")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """Where servers keep their assembled backend directory."""

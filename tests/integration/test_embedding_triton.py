@@ -6,6 +6,7 @@ Triton's dynamic batching merging concurrent requests."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -263,10 +264,18 @@ def test_concurrent_requests_are_batched_and_give_the_same_embeddings(server, pr
     groups = [SENTENCES[i:i + 12] for i in range(0, 240, 12)]
     alone = [embed_texts(server.http_url, model, g) for g in groups]
 
-    def stats():
+    def read():
         with httpclient.InferenceServerClient(server.http_url) as c:
             s = c.get_inference_statistics(names(precision).embedding_encoder)["model_stats"][0]
         return int(s["inference_count"]), int(s["execution_count"])
+
+    def stats():
+        """Triton counts an execution after its responses are sent: read until two reads agree."""
+        last, now = None, read()
+        while now != last:
+            time.sleep(0.3)
+            last, now = now, read()
+        return now
 
     before = stats()
     local = threading.local()

@@ -40,7 +40,8 @@ from tests.support.reliability import (
 )
 from tests.support.serve import CLI, Serve, stop_serve
 
-pytestmark = pytest.mark.faults    # in make test; make test-faults runs only these
+pytestmark = [pytest.mark.faults,   # in make test; make test-faults runs only these
+              pytest.mark.alone]   # timing under faults: make test runs it with the machine to itself
 
 NAME = "slow-llama"
 MODEL = f"{NAME}:fp32"
@@ -275,11 +276,18 @@ def at_the_bound(serve: Serve) -> Iterator[None]:
 def test_a_full_queue_answers_grpc_with_resource_exhausted_at_once(serve):
     """gRPC through the gateway's relay shares the deployment's bound with /v1."""
     with at_the_bound(serve):
-        t0 = time.monotonic()
-        with pytest.raises(InferenceServerException) as refused:
-            grpc_infer(f"127.0.0.1:{serve.grpc}", LLM, text_input="Once upon a time", max_tokens=4)
-        assert time.monotonic() - t0 < 2
-        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "at capacity" in refused.value.message()
+        # as on /v2 below: a call may slip into the slot of a stream that just ended
+        refused = None
+        for _ in range(5):
+            t0 = time.monotonic()
+            try:
+                grpc_infer(f"127.0.0.1:{serve.grpc}", LLM, text_input="Once upon a time", max_tokens=4)
+            except InferenceServerException as e:
+                refused = e
+                assert time.monotonic() - t0 < 2
+                break
+        assert refused is not None, "no gRPC call was refused at the bound in 5 tries"
+        assert refused.status() == "StatusCode.RESOURCE_EXHAUSTED" and "at capacity" in refused.message()
 
 
 @pytest.mark.parametrize("route", [f"{LLM}/generate", f"{STREAM}/generate_stream"])
