@@ -49,6 +49,12 @@ def test_manifest_records_int4_and_the_engine_is_smaller_than_int8(int4_reposito
     weights = int4_repository / DeploymentName(LLM_NAME, "int4").llm_engine / "1" / "engine" / "openvino_model.bin"
     # fp32 514 MiB, int8 ~129 MiB: int4 groups with int8 embeddings land near 90 MiB
     assert 60 << 20 < weights.stat().st_size < 110 << 20
+    # grouped u4 projections fuse as int8's do (openvino_fusion), kept only with bit-identical logits:
+    # where kept, 90 MatMuls fewer (q/k/v three into one, gate/up two into one, in 30 layers)
+    rewrites = entry.engine["ir_rewrites"]
+    assert rewrites in ("moc+fused", "moc", "none")
+    matmuls = (weights.parent / "openvino_model.xml").read_text().count('type="MatMul"')
+    assert matmuls == (122 if rewrites == "moc+fused" else 212), (rewrites, matmuls)
 
 
 def test_agreement_with_fp32_is_measured_here_and_passes_the_floor(int4_repository, build_cache, smollm2):

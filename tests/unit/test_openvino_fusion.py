@@ -112,3 +112,40 @@ def test_per_column_constants_and_fp16_weights_are_left_alone():
     half = model([ops.convert(ops.constant(rng.standard_normal((8, IN)).astype(np.float16)), ov.Type.f32)
                   for _ in range(2)])
     assert fuse_shared_input_matmuls(half) == 0
+
+
+
+def grouped_int4(rows: int, rng: np.random.Generator, group: int):
+    """nncf's INT4_ASYM grouped pattern: u4 [rows, groups, group size], a u4 zero point and an f16
+    scale per row and group, reshaped to [rows, IN]."""
+    groups = IN // group
+    w = ops.constant(rng.integers(0, 16, (rows, groups, group)).astype(np.uint8), dtype=ov.Type.u4)
+    zp = ops.constant(rng.integers(0, 16, (rows, groups, 1)).astype(np.uint8), dtype=ov.Type.u4)
+    scale = ops.constant(rng.uniform(0.001, 0.02, (rows, groups, 1)).astype(np.float16))
+    decompressed = ops.multiply(ops.subtract(ops.convert(w, ov.Type.f16), ops.convert(zp, ov.Type.f16)), scale)
+    flat = ops.reshape(decompressed, ops.constant(np.array([rows, IN], dtype=np.int64)), False)
+    return ops.convert(flat, ov.Type.f32)
+
+
+@pytest.mark.parametrize("tokens", [1, 7])
+@pytest.mark.parametrize("rows,group", [((24, 8, 8), 16), ((9, 3, 3), IN)],
+                         ids=["byte-aligned", "odd-nibbles"])   # 9 x 1 zero points: 4.5 bytes, packed again
+def test_grouped_int4_projections_fuse_with_the_same_outputs(tokens, rows, group):
+    def build():
+        rng = np.random.default_rng(11)
+        return model([grouped_int4(r, rng, group) for r in rows])
+
+    x = np.random.default_rng(2).standard_normal((tokens, IN)).astype(np.float32)
+    before, fused = build(), build()
+    assert fuse_shared_input_matmuls(fused) == 1
+    assert count(fused, "MatMul") == 1 and count(fused, "Reshape") == 1
+    got, want = run(fused, x), run(before, x)
+    assert [g.shape for g in got] == [(tokens, r) for r in rows]
+    assert all(np.array_equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+def test_int4_groups_of_another_size_are_not_fused_together():
+    """The group size is part of the layout: rows grouped by 16 and by 32 stay apart."""
+    rng = np.random.default_rng(13)
+    mixed = model([grouped_int4(8, rng, 16), grouped_int4(8, rng, 32)])
+    assert fuse_shared_input_matmuls(mixed) == 0 and count(mixed, "MatMul") == 2

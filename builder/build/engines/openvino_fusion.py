@@ -8,10 +8,12 @@ QKVParallelLinear and MergedColumnParallelLinear do) saves work: SmolLM2-135M in
 setting, in-process continuous batching, medians of 6 interleaved rounds: +11% for one sequence,
 +8% for 8, +2% for 32 (docs/cpu-performance.md, "Fused projections").
 
-Only integer weights are fused (a u8/i8 Constant decompressed by Convert, Subtract and Multiply
-with per-output-channel Constants, as nncf writes int8), each output channel keeps its own row,
-zero point and scale, so every output element is the same dot product as before. The build keeps
-the fused IR only if its logits are bit-identical (openvino_llm.preoptimize).
+Only integer weights are fused: a u8/i8 Constant decompressed by Convert, Subtract and Multiply
+with per-output-channel Constants, as nncf writes int8, or u4/i4 Constants in groups
+([out, groups, group size], zero points and scales [out, groups, 1]) decompressed the same way and
+reshaped to [out, in], as nncf writes int4. Each output channel keeps its own rows, zero points and
+scales, so every output element is the same dot product as before. The build keeps the fused IR
+only if its logits are bit-identical (openvino_llm.preoptimize).
 """
 
 from __future__ import annotations
@@ -20,10 +22,20 @@ from collections import defaultdict
 
 import numpy as np
 
-DECOMPRESSION_OPS = ("Convert", "Subtract", "Multiply")
-# Constant types whose data numpy reads and writes back exactly (fp8, int4, bf16 do not: left alone)
-EXACT_TYPES = ("u8", "i8", "f16", "f32")
-INTEGER_WEIGHTS = ("u8", "i8")
+DECOMPRESSION_OPS = ("Convert", "Subtract", "Multiply", "Reshape")
+# Constant types read and written back exactly (fp8 and bf16 are not: left alone); 4-bit ones are
+# packed two to a byte, so they are read unpacked (`get_vector`) and packed again by `constant`
+EXACT_TYPES = ("u8", "i8", "f16", "f32", "u4", "i4")
+FOUR_BIT = {"u4": np.uint8, "i4": np.int8}
+INTEGER_WEIGHTS = ("u8", "i8", "u4", "i4")
+
+
+def _values(constant) -> np.ndarray:
+    """A Constant's values as numpy, one element per value (4-bit ones unpacked)."""
+    kind = constant.get_output_element_type(0).get_type_name()
+    if kind in FOUR_BIT:
+        return np.asarray(constant.get_vector(), dtype=FOUR_BIT[kind]).reshape(list(constant.get_output_shape(0)))
+    return constant.get_data()
 
 
 def _weight_tree(node, out_channels: int):
@@ -35,13 +47,20 @@ def _weight_tree(node, out_channels: int):
         if node.get_output_element_type(0).get_type_name() not in EXACT_TYPES:
             return None
         shape = list(node.get_output_shape(0))
-        if len(shape) == 2 and shape[0] == out_channels:   # [out, in] or [out, 1]: one row per output
+        if len(shape) in (2, 3) and shape[0] == out_channels:   # [out, in], [out, 1], [out, groups, n]
             return ("rows", node)
         if all(d == 1 for d in shape):
             return ("shared", node)
         return None
     if kind not in DECOMPRESSION_OPS:
         return None
+    if kind == "Reshape":   # groups back to [out, in]: kept only with a constant target of that form
+        target = node.input(1).get_source_output().get_node()
+        if target.get_type_name() != "Constant" or list(node.get_output_shape(0))[:1] != [out_channels] \
+                or len(node.get_output_shape(0)) != 2:
+            return None
+        child = _weight_tree(node.input(0).get_source_output().get_node(), out_channels)
+        return None if child is None else ("op", node, (child,))
     children = tuple(_weight_tree(i.get_source_output().get_node(), out_channels) for i in node.inputs())
     if any(c is None for c in children):
         return None
@@ -53,7 +72,8 @@ def _signature(tree) -> tuple:
     if tree[0] == "op":
         node = tree[1]
         return ("op", node.get_type_name(), str(node.get_output_element_type(0)),
-                str(node.get_attributes().get("auto_broadcast", "")), tuple(_signature(c) for c in tree[2]))
+                str(node.get_attributes().get("auto_broadcast", "")), str(node.get_attributes().get("special_zero", "")),
+                tuple(node.get_output_shape(0))[1:], tuple(_signature(c) for c in tree[2]))
     node = tree[1]
     shape = list(node.get_output_shape(0))
     if tree[0] == "rows":
@@ -76,7 +96,7 @@ def _build(trees: list, ops):
     """One subgraph like the group's, its per-row Constants concatenated along axis 0."""
     first = trees[0]
     if first[0] == "rows":
-        data = np.concatenate([t[1].get_data() for t in trees], axis=0)
+        data = np.concatenate([_values(t[1]) for t in trees], axis=0)
         return ops.constant(data, dtype=first[1].get_output_element_type(0)).output(0)
     if first[0] == "shared":
         return first[1].output(0)
@@ -85,6 +105,10 @@ def _build(trees: list, ops):
     kind = node.get_type_name()
     if kind == "Convert":
         return ops.convert(inputs[0], node.get_output_element_type(0)).output(0)
+    if kind == "Reshape":
+        rows = sum(t[1].get_output_shape(0)[0] for t in trees)
+        target = np.array([rows, *list(node.get_output_shape(0))[1:]], dtype=np.int64)
+        return ops.reshape(inputs[0], ops.constant(target), bool(node.get_attributes().get("special_zero"))).output(0)
     broadcast = node.get_attributes().get("auto_broadcast", "numpy")
     if kind == "Subtract":
         return ops.subtract(inputs[0], inputs[1], broadcast).output(0)
