@@ -32,7 +32,7 @@ demo: install nginx
 # keep both cores busy alone), then integration tests (real Triton, nginx, S3), which wait on
 # servers half the time: two pytest-xdist workers (tests/conftest.py keeps each module on one worker
 # and the shared LLM build on one), then the timing-sensitive fault injection (`-m alone`) with the
-# machine to itself. Integration on 2 cores: 16 -> ~11 min.
+# machine to itself. Integration on 2 cores: 16 -> 12.6 min (9 parallel + 3.7 alone).
 TEST_WORKERS ?= 2
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
