@@ -43,7 +43,10 @@ def pytest_runtest_makereport(item, call):
 LLM_REPOSITORY_MODULES = {"test_cpu_runtime", "test_llm_triton", "test_openai_api", "test_prompt_lookup"}
 
 
+@pytest.hookimpl(optionalhook=True)     # pytest without xdist (or -p no:xdist) runs as before
 def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "load":   # an explicit --dist (each, loadfile, ...) is the user's choice
+        return None
     from xdist.scheduler import LoadScopeScheduling
 
     class ByModule(LoadScopeScheduling):
@@ -56,7 +59,7 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_itemcollected(item):
     """Keeps LLM_REPOSITORY_MODULES true: a module that starts using the shared build must join it."""
-    if "llm_repository" in item.fixturenames and item.path.stem not in LLM_REPOSITORY_MODULES:
+    if "llm_repository" in getattr(item, "fixturenames", ()) and item.path.stem not in LLM_REPOSITORY_MODULES:
         raise pytest.UsageError(f"{item.path.name} uses llm_repository: add it to LLM_REPOSITORY_MODULES "
                                 "in tests/conftest.py (one worker builds it)")
 

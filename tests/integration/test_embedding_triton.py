@@ -271,8 +271,9 @@ def test_concurrent_requests_are_batched_and_give_the_same_embeddings(server, pr
 
     def stats():
         """Triton counts an execution after its responses are sent: read until two reads agree."""
-        last, now = None, read()
+        last, now, deadline = None, read(), time.monotonic() + 30
         while now != last:
+            assert time.monotonic() < deadline, "Triton's statistics did not settle in 30 s"
             time.sleep(0.3)
             last, now = now, read()
         return now

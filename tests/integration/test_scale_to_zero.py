@@ -141,6 +141,7 @@ def http_infer_text(dep: Serve) -> str:
     return dep.generate(TRITON_MODEL, None, text_input="Hello", max_tokens=4).json()["text_output"]
 
 
+@pytest.mark.alone   # "at once" (< 2 s) against another load attempt: timed with the machine to itself
 def test_a_failed_load_answers_503_and_unavailable_then_backs_off(tiny_repository, tmp_path):
     """A deployment whose engine cannot load: /v1 gets 503 with the reason and Retry-After, /v2 503,
     gRPC UNAVAILABLE naming the deployment (never Triton's bare "unknown model"), and the back-off

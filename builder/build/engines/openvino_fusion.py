@@ -9,7 +9,7 @@ setting, in-process continuous batching, medians of 6 interleaved rounds: +11% f
 +8% for 8, +2% for 32 (docs/cpu-performance.md, "Fused projections").
 
 Only integer weights are fused: a u8/i8 Constant decompressed by Convert, Subtract and Multiply
-with per-output-channel Constants, as nncf writes int8, or u4/i4 Constants in groups
+with per-output-channel Constants, as nncf writes int8, or u4 Constants in groups
 ([out, groups, group size], zero points and scales [out, groups, 1]) decompressed the same way and
 reshaped to [out, in], as nncf writes int4. Each output channel keeps its own rows, zero points and
 scales, so every output element is the same dot product as before. The build keeps the fused IR
@@ -23,11 +23,12 @@ from collections import defaultdict
 import numpy as np
 
 DECOMPRESSION_OPS = ("Convert", "Subtract", "Multiply", "Reshape")
-# Constant types read and written back exactly (fp8 and bf16 are not: left alone); 4-bit ones are
-# packed two to a byte, so they are read unpacked (`get_vector`) and packed again by `constant`
-EXACT_TYPES = ("u8", "i8", "f16", "f32", "u4", "i4")
-FOUR_BIT = {"u4": np.uint8, "i4": np.int8}
-INTEGER_WEIGHTS = ("u8", "i8", "u4", "i4")
+# Constant types read and written back exactly (fp8 and bf16 are not: left alone); u4 is packed two
+# to a byte, so it is read unpacked (`get_vector`) and packed again by `constant`. (i4 is left
+# alone: OpenVINO 2026.4's `get_vector` refuses it, and nncf's INT4_ASYM writes u4.)
+EXACT_TYPES = ("u8", "i8", "f16", "f32", "u4")
+FOUR_BIT = {"u4": np.uint8}
+INTEGER_WEIGHTS = ("u8", "i8", "u4")
 
 
 def _values(constant) -> np.ndarray:
