@@ -41,7 +41,7 @@ from tests.support.reliability import (
 from tests.support.serve import CLI, Serve, stop_serve
 
 pytestmark = [pytest.mark.faults,   # in make test; make test-faults runs only these
-              pytest.mark.alone]   # timing under faults: make test runs it with the machine to itself
+              pytest.mark.alone]   # timing under faults: a parallel make test runs it alone
 
 NAME = "slow-llama"
 MODEL = f"{NAME}:fp32"

@@ -22,7 +22,7 @@ from builder.serve.ports import free_port
 from builder.serve.storage import SWAP_EXCHANGE, SWAP_NEW, TransferSettings
 from tests.support.tcp_faults import ResettingProxy
 
-pytestmark = pytest.mark.alone   # connection resets on the wire: make test runs it with the machine to itself
+pytestmark = pytest.mark.alone   # connection resets on the wire: a parallel make test runs it alone
 
 MiB = 1 << 20
 WEIGHTS = "upper/1/data/weights.bin"
