@@ -28,13 +28,13 @@ prometheus:
 demo: install nginx
 	$(PY) -m builder.cli.demo
 
-# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers),
-# then integration tests (real Triton, nginx, S3) in one process. `TEST_WORKERS=2 make test` runs
-# them on two pytest-xdist workers instead (tests/conftest.py keeps each module on one worker and the
-# shared LLM build on one), then the timing-sensitive fault injection (`-m alone`) with the machine
-# to itself: integration 16 -> 12.6 min on 2 cores, but not the default yet: ports picked free by
-# one worker's servers are sometimes taken by the other's before they bind.
-TEST_WORKERS ?= 0
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers, one
+# process: they keep both cores busy), then integration tests (real Triton, nginx, S3) on two
+# pytest-xdist workers, since they mostly wait on servers (tests/conftest.py keeps each module on one
+# worker, the shared LLM build on one, and gives each worker its own port range), then the
+# timing-sensitive fault injection (`-m alone`) with the machine to itself. `TEST_WORKERS=0` runs
+# the integration tests in one process instead (16 min against ~12.5 on 2 cores).
+TEST_WORKERS ?= 2
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q --durations=10 tests/unit

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 
-from builder.serve.ports import free_port, free_ports
+from builder.serve.ports import PORT_RANGE_ENV, free_port, free_ports
 from tests.support.checkpoints import make_tiny_llama
+from tests.support.worker_ports import worker_port_range
 from tests.support.s3 import S3Server, start_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +57,22 @@ def pytest_xdist_make_scheduler(config, log):
             return "llm_repository" if Path(module).stem in LLM_REPOSITORY_MODULES else module
 
     return ByModule(config, log)
+
+
+def pytest_configure(config):
+    """Each xdist worker picks its servers' ports from its own range (inherited by the serves and
+    Tritons it starts): with the kernel picking, a port one worker found free was sometimes bound
+    by the other's servers before its own server bound it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker or os.environ.get(PORT_RANGE_ENV):
+        return
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    ports = worker_port_range(worker, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")), ephemeral_low)
+    if ports:
+        os.environ[PORT_RANGE_ENV] = ports
 
 
 def pytest_itemcollected(item):
