@@ -104,8 +104,10 @@ class DeploymentName:
     def embedding_pooling(self) -> str:
         return f"{self.name}-pooling"
 
-    def embedding_models(self) -> list[str]:
-        return [self.embedding_tokenize, self.embedding_encoder, self.embedding_pooling, self.embedding]
+    def embedding_models(self, pooling_model: bool = False) -> list[str]:
+        """The CPU encoder pools in its own process; a TensorRT encoder needs the Python pooling model."""
+        pooling = [self.embedding_pooling] if pooling_model else []
+        return [self.embedding_tokenize, self.embedding_encoder, *pooling, self.embedding]
 
 
 # Suffixes of per-precision Triton models, longest first ("-engine-call" before "-engine").

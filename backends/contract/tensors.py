@@ -162,7 +162,8 @@ ENSEMBLE_STEPS = (
 )
 
 
-# -- embedding deployments: tokenize -> encoder -> pooling, and the ensemble clients call ------------
+# -- embedding deployments: tokenize -> encoder (pooling inside on CPU; after a TensorRT encoder a
+# -- pooling model of its own), and the ensemble clients call -----------------------------------------
 # Every text is one batch row (dims exclude it), so Triton's dynamic batchers merge concurrent requests.
 
 TEXT, TRUNCATE, EMBEDDING, TOKEN_EMBEDDINGS = "text", "truncate", "embedding", "token_embeddings"

@@ -114,20 +114,25 @@ class RepositoryWriter:
     # -- embedding deployments ------------------------------------------------------------------
     def write_embedding_models(self, dep: DeploymentName, hf_dir: Path, config: EmbeddingConfig, engine_dir: Path,
                                max_batch_size: int, compute: str) -> list[str]:
-        """The CPU encoder (its OpenVINO files move into `1/engine/`) and the pipeline around it."""
+        """The CPU encoder, which pools in its own process (its OpenVINO files move into `1/engine/`),
+        and the pipeline around it."""
         io = c.embedding_tensors(config.encoder_inputs, config.hidden_size, config.dimension)
         encoder = self.write_model("embedding_encoder", dep.embedding_encoder, inputs=io["encoder"][0],
-                                   outputs=io["encoder"][1], quantization=PRECISIONS[dep.precision].openvino,
+                                   outputs=io["pooling"][1], quantization=PRECISIONS[dep.precision].openvino,
                                    compute=compute, chunk_texts=CHUNK_TEXTS, chunk_tokens=CHUNK_TOKENS,
-                                   deployment=str(dep), max_batch_size=max_batch_size)
+                                   pooling=" + ".join(config.pooling), normalize=config.normalize,
+                                   pooling_source=config.pooling_source, deployment=str(dep),
+                                   max_batch_size=max_batch_size)
+        config.save(encoder / "1")
         shutil.move(str(engine_dir), str(encoder / "1" / "engine"))
-        return self.write_embedding_pipeline(dep, hf_dir, config, max_batch_size, c.TOKEN_EMBEDDINGS)
+        return self.write_embedding_pipeline(dep, hf_dir, config, max_batch_size, c.EMBEDDING, pooling_model=False)
 
     def write_embedding_pipeline(self, dep: DeploymentName, hf_dir: Path, config: EmbeddingConfig,
-                                 max_batch_size: int, encoder_output: str) -> list[str]:
-        """Tokenize and pooling (shared by every precision of one name) and the ensemble users call,
-        around the encoder model `dep.embedding_encoder` (CPU or TensorRT, already written) whose token
-        embeddings come out as `encoder_output` (`last_hidden_state` for a plain transformers export)."""
+                                 max_batch_size: int, encoder_output: str, pooling_model: bool = True) -> list[str]:
+        """Tokenize (shared by every precision of one name) and the ensemble users call around the
+        encoder model `dep.embedding_encoder` (already written), whose output is `encoder_output`: the
+        embedding itself when it pools (the CPU encoder, `pooling_model=False`), else token embeddings
+        (`last_hidden_state` of a TensorRT plan) for a shared Python pooling model written here."""
         io = c.embedding_tensors(config.encoder_inputs, config.hidden_size, config.dimension)
         shared = {"deployment": dep.name, "max_batch_size": max_batch_size}   # identical for every precision
         tokenize = self.write_model("embedding_tokenize", dep.embedding_tokenize, inputs=io["tokenize"][0],
@@ -135,20 +140,21 @@ class RepositoryWriter:
         (tokenize / "1" / "tokenizer").mkdir()
         shutil.copyfile(Path(hf_dir) / "tokenizer.json", tokenize / "1" / "tokenizer" / "tokenizer.json")
         config.save(tokenize / "1" / "tokenizer")
-        pooling = self.write_model("embedding_pooling", dep.embedding_pooling, inputs=io["pooling"][0],
-                                   outputs=io["pooling"][1], pooling=" + ".join(config.pooling),
-                                   normalize=config.normalize, pooling_source=config.pooling_source, **shared)
-        config.save(pooling / "1")
         token_names = [t.name for t in io["tokenize"][1]]
         steps = [
             {"model": dep.embedding_tokenize, "inputs": {c.TEXT: c.TEXT, c.TRUNCATE: c.TRUNCATE},
              "outputs": {n: n for n in token_names}},
             {"model": dep.embedding_encoder, "inputs": {n: n for n in token_names},
-             "outputs": {encoder_output: c.TOKEN_EMBEDDINGS}},
-            {"model": dep.embedding_pooling, "inputs": {c.TOKEN_EMBEDDINGS: c.TOKEN_EMBEDDINGS,
-                                                         "attention_mask": "attention_mask"},
-             "outputs": {c.EMBEDDING: c.EMBEDDING}},
+             "outputs": {encoder_output: c.TOKEN_EMBEDDINGS if pooling_model else c.EMBEDDING}},
         ]
+        if pooling_model:
+            pooling = self.write_model("embedding_pooling", dep.embedding_pooling, inputs=io["pooling"][0],
+                                       outputs=io["pooling"][1], pooling=" + ".join(config.pooling),
+                                       normalize=config.normalize, pooling_source=config.pooling_source, **shared)
+            config.save(pooling / "1")
+            steps.append({"model": dep.embedding_pooling, "inputs": {c.TOKEN_EMBEDDINGS: c.TOKEN_EMBEDDINGS,
+                                                                      "attention_mask": "attention_mask"},
+                          "outputs": {c.EMBEDDING: c.EMBEDDING}})
         self.write_model("embedding", dep.embedding, inputs=io["ensemble"][0], outputs=io["ensemble"][1], steps=steps,
                          dimension=config.dimension, deployment=str(dep), max_batch_size=max_batch_size)
-        return dep.embedding_models()
+        return dep.embedding_models(pooling_model)

@@ -18,7 +18,7 @@ def entry(user_name: str, kind: str = "llm", engine: dict | None = None, **entry
                   f"{base}-stream"]
         points = {"infer": base, "stream": f"{base}-stream"}
     else:
-        models = [f"{name}-tokenize", f"{base}-encoder", f"{name}-pooling", base]
+        models = [f"{name}-tokenize", f"{base}-encoder", base]     # the CPU layout: the encoder pools
         points = {"infer": base}
     points.update(entrypoints)
     return DeploymentEntry(name, precision, kind, "test", models, points, engine or {}, {}, RUNTIME)

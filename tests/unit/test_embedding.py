@@ -323,27 +323,30 @@ def test_repository_models_are_wired(tmp_path, config):
     (engine / "openvino_model.xml").write_text("<net/>")
     writer = RepositoryWriter(tmp_path / "repo", install_runtime(tmp_path / "repo"))
     names = writer.write_embedding_models(dep, MODEL, config, engine, 32, "f32")
-    assert names == [dep.embedding_tokenize, dep.embedding_encoder, dep.embedding_pooling, dep.embedding]
+    assert names == [dep.embedding_tokenize, dep.embedding_encoder, dep.embedding]   # the CPU encoder pools
     repo = tmp_path / "repo"
+    assert not (repo / dep.embedding_pooling).exists()
     texts = {n: (repo / n / "config.pbtxt").read_text() for n in names}
     assert all("${" not in t and "max_batch_size: 32" in t for t in texts.values())
     ensemble = texts[dep.embedding]
     assert 'platform: "ensemble"' in ensemble and "dims: [ 384 ]" in ensemble
-    for model in (dep.embedding_tokenize, dep.embedding_encoder, dep.embedding_pooling):
+    for model in (dep.embedding_tokenize, dep.embedding_encoder):
         assert f'model_name: "{model}"' in ensemble
-    assert texts[dep.embedding_encoder].count("allow_ragged_batch: true") == 3
+    assert 'key: "embedding" value: "embedding"' in ensemble    # the encoder's output is the answer
+    assert texts[dep.embedding_encoder].count("allow_ragged_batch: true") == 3   # its token inputs
+    assert 'name: "embedding"' in texts[dep.embedding_encoder] and "dims: [ 384 ]" in texts[dep.embedding_encoder]
+    assert "mean + L2 normalization" in texts[dep.embedding_encoder]
     assert 'key: "inference_precision" value: { string_value: "f32" }' in texts[dep.embedding_encoder]
     assert (repo / dep.embedding_encoder / "1" / "engine" / "openvino_model.xml").exists()
-    assert emb.EmbeddingConfig.load(repo / dep.embedding_pooling / "1") == config
+    assert emb.EmbeddingConfig.load(repo / dep.embedding_encoder / "1") == config
     tokenize = repo / dep.embedding_tokenize / "1" / "tokenizer"
     assert emb.EmbeddingTokenizer.load(tokenize).config == config
-    for name in names[:3]:   # each Python model points at the repository's own runtime
+    for name in names[:2]:   # each Python model points at the repository's own runtime
         shim = (repo / name / "1" / "model.py").read_text()
         assert writer.runtime.path in shim and "from backends.models.embedding_" in shim
     assert not (repo / dep.embedding / "1" / "model.py").exists()   # the ensemble has no code
     # shared models do not depend on the precision: rebuilding another precision leaves them identical
-    before = texts[dep.embedding_tokenize] + texts[dep.embedding_pooling]
+    before = texts[dep.embedding_tokenize]
     engine.mkdir()
     writer.write_embedding_models(DeploymentName("mini", "fp16"), MODEL, config, engine, 32, "f32")
-    assert before == (repo / dep.embedding_tokenize / "config.pbtxt").read_text() + \
-        (repo / dep.embedding_pooling / "config.pbtxt").read_text()
+    assert before == (repo / dep.embedding_tokenize / "config.pbtxt").read_text()

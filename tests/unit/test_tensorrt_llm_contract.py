@@ -757,7 +757,7 @@ def test_embedding_build_places_the_tensorrt_encoder(layout, tmp_path, monkeypat
         assert entry["engine"]["target"] == "tensorrt" and entry["engine"]["tensorrt_version"] == TRT_VERSION
         assert entry["engine"]["context_size"] == (256 if layout == "sentence-transformers" else 512)
         assert entry["accuracy"]["method"].startswith("scripts/gpu_check.py")
-        assert sorted(entry["triton_models"]) == sorted(dep.embedding_models())
+        assert sorted(entry["triton_models"]) == sorted(dep.embedding_models(pooling_model=True))
         assert (repo / dep.embedding_encoder / "1" / enc.PLAN_NAME).read_bytes() == b"plan"
         encoder = parse_config((repo / dep.embedding_encoder / "config.pbtxt").read_text())
         assert encoder.platform == "tensorrt_plan" and encoder.output[0].name == output

@@ -183,7 +183,7 @@ def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int
         "pooling": list(config.pooling),
         "normalize": config.normalize,
         "weights_bytes": weights,
-        "memory_bytes": ov_common.memory_estimate(engine_dir, 3),   # tokenize, encoder, pooling
+        "memory_bytes": ov_common.memory_estimate(engine_dir, 2),   # tokenize, encoder (pools)
     }
 
 
