@@ -22,6 +22,7 @@ from backends.contract.precisions import PRECISIONS
 from builder.build.deployment import DeploymentSpec
 from builder.build.engine_target import BuildJob, BuiltDeployment
 from builder.build.engines import openvino_common as ov_common
+from builder.build.engines import openvino_memory
 from builder.build.sources.checkpoint import Checkpoint
 from builder.build.sources.embedding_config import read_checkpoint_config
 
@@ -167,7 +168,10 @@ def write_compiled(engine_dir: Path, tokenizer: emb.EmbeddingTokenizer, compute:
     return False
 
 
-def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int, engine_dir: Path) -> dict:
+def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int, engine_dir: Path,
+                memory: dict | None = None) -> dict:
+    """`memory`: the encoder's measured RSS (openvino_memory); memory_bytes adds the tokenize model's
+    stub (estimated). Without it memory_bytes is an estimate from the weights."""
     import openvino as ov
 
     weights = sum(f.stat().st_size for f in Path(engine_dir).glob("*.bin"))
@@ -183,7 +187,9 @@ def engine_info(precision: str, config: emb.EmbeddingConfig, max_batch_size: int
         "pooling": list(config.pooling),
         "normalize": config.normalize,
         "weights_bytes": weights,
-        "memory_bytes": ov_common.memory_estimate(engine_dir, 2),   # tokenize, encoder (pools)
+        **({"memory_bytes": memory["after_load_test_bytes"] + ov_common.PYTHON_MODEL_BYTES, "memory": memory}
+           if memory is not None else
+           {"memory_bytes": ov_common.memory_estimate(engine_dir, 2)}),   # tokenize, encoder (pools)
     }
 
 
@@ -207,7 +213,10 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
         accuracy = measure_accuracy(reference, work, tokenizer, precision)
     with job.step("compiling the encoder for this host (loads import it instead of compiling)"):
         write_compiled(work, tokenizer, COMPUTE[precision])
-    info = engine_info(precision, config, spec.max_batch_size, work)
+    with job.step(f"measuring the encoder's memory ({spec.max_batch_size} texts of {config.max_length} tokens)"):
+        memory = openvino_memory.measure_encoder(work, COMPUTE[precision], spec.max_batch_size, config.max_length,
+                                                 config.encoder_inputs)
+    info = engine_info(precision, config, spec.max_batch_size, work, memory)
     models = job.writer.write_embedding_models(dep, ckpt.hf_dir, config, work, spec.max_batch_size, COMPUTE[precision])
     return BuiltDeployment(models, {"infer": dep.embedding}, info, accuracy)
 

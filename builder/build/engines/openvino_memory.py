@@ -1,8 +1,10 @@
-"""The resident memory of a CPU LLM engine, measured at build time: the engine runs in a
-subprocess (the same code and runtime settings as its Triton stub, on this host's ISA class), and
-its RSS is read after the load and again after LOAD_TEST_CLIENTS concurrent requests of about
-LOAD_TEST_PROMPT prompt tokens. The manifest records both; the scale-to-zero memory budget
-(builder/serve/gateway/lifecycle.py) starts from them until serving measures the live stubs.
+"""The resident memory of a CPU engine, measured at build time: the engine runs in a subprocess
+(the same code and runtime settings as its Triton stub, on this host's ISA class), and its RSS is
+read after the load and again after a load test: for an LLM LOAD_TEST_CLIENTS concurrent requests
+of about LOAD_TEST_PROMPT prompt tokens, for an embedding encoder its largest batch (max_batch_size
+texts of the longest length, chunked as served). The manifest records both; the scale-to-zero
+memory budget (builder/serve/gateway/lifecycle.py) starts from them until serving measures the
+live stubs.
 """
 
 from __future__ import annotations
@@ -60,13 +62,41 @@ def load_test(engine_dir: Path, context_size: int, max_batch_size: int, clients:
             "completed": sum(1 for n, reason in generated if reason in ("length", "stop"))}
 
 
+def encoder_load_test(engine_dir: Path, inference_precision: str, texts: int, length: int,
+                      inputs: list[str]) -> dict:
+    """Run in this process: load the encoder as its stub does (the compiled blob when it fits this
+    host), encode its largest batch (the chunks' largest shapes: its peak), report RSS."""
+    import numpy as np
+
+    from backends.embedding import CHUNK_TEXTS, CHUNK_TOKENS, OpenVinoEncoder, encode_batches
+
+    encoder = OpenVinoEncoder(Path(engine_dir) / "openvino_model.xml", inference_precision)
+    loaded = rss_bytes()
+    ids = (np.arange(texts * length, dtype=np.int64).reshape(texts, length) * 7) % 20000 + 1000
+    feeds = {name: ids if name == "input_ids" else
+             np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids) for name in inputs}
+    encode_batches([feeds], encoder, CHUNK_TEXTS, CHUNK_TOKENS)
+    return {"loaded_bytes": loaded, "after_load_test_bytes": rss_bytes(),
+            "load_test": f"{texts} texts of {length} tokens"}
+
+
 def measure(engine_dir: Path, context_size: int, max_batch_size: int, prompt_lookup: bool = False) -> dict:
     """load_test in a fresh subprocess (this process has the build's other engines in memory), on
     the pipeline the deployment serves with."""
-    job = json.dumps({"engine": str(engine_dir), "context_size": context_size, "max_batch_size": max_batch_size,
-                      "prompt_lookup": prompt_lookup})
-    proc = subprocess.run([sys.executable, "-m", __name__], check=False, input=job, capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    return _in_subprocess({"engine": str(engine_dir), "context_size": context_size, "max_batch_size": max_batch_size,
+                           "prompt_lookup": prompt_lookup})
+
+
+def measure_encoder(engine_dir: Path, inference_precision: str, max_batch_size: int, max_length: int,
+                    inputs: tuple[str, ...]) -> dict:
+    """encoder_load_test in a fresh subprocess."""
+    return _in_subprocess({"encoder": str(engine_dir), "inference_precision": inference_precision,
+                           "texts": max_batch_size, "length": max_length, "inputs": list(inputs)})
+
+
+def _in_subprocess(args: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", __name__], check=False, input=json.dumps(args), capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-2:])
         raise BuildError(f"measuring the engine's memory failed: {tail}")
@@ -75,5 +105,9 @@ def measure(engine_dir: Path, context_size: int, max_batch_size: int, prompt_loo
 
 if __name__ == "__main__":
     args = json.loads(sys.stdin.read())
-    print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"],
-                               prompt_lookup=args.get("prompt_lookup", False))))
+    if "encoder" in args:
+        print(json.dumps(encoder_load_test(Path(args["encoder"]), args["inference_precision"], args["texts"],
+                                           args["length"], args["inputs"])))
+    else:
+        print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"],
+                                   prompt_lookup=args.get("prompt_lookup", False))))
