@@ -199,6 +199,8 @@ def check_encoder_inputs(feeds: dict[str, np.ndarray | None]) -> dict[str, np.nd
     if mask.ndim != 2 or any(np.shape(v) != mask.shape for v in feeds.values()):
         shapes = ", ".join(f"{n} {list(np.shape(v))}" for n, v in feeds.items())
         raise RequestError(f"encoder inputs must share one [texts, tokens] shape, got {shapes}")
+    if mask.shape[0] == 0:
+        raise RequestError("no texts: send at least one")
     lengths = mask.sum(axis=1)
     if not (mask == (np.arange(mask.shape[1])[None, :] < lengths[:, None])).all():
         raise RequestError("attention_mask must be right-padded: 1 for every token, then 0 for padding")

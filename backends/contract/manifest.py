@@ -105,6 +105,10 @@ class Manifest:
         """Every runtime some deployment uses, by path."""
         return {e.runtime.path: e.runtime for e in self.deployments.values()}
 
+    def triton_models(self) -> set[str]:
+        """Every Triton model some deployment uses."""
+        return {m for e in self.deployments.values() for m in e.triton_models}
+
 
 def read_manifest(repository: Path, generator: str = "") -> Manifest:
     """The repository's manifest, or an empty one if the repository has none yet."""

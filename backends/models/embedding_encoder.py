@@ -30,18 +30,17 @@ class TritonPythonModel:
     def _checked(self, r):
         return check_encoder_inputs({name: io.array(r, name) for name in self.inputs})
 
-    def _embeddings(self, feeds: list[dict]) -> list:
-        return [sentence_embeddings(hidden, f["attention_mask"], self.config)
-                for hidden, f in zip(encode_batches(feeds, self.encoder, *self.chunk), feeds)]
+    def _pooled(self, hidden, mask):
+        return pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDING, sentence_embeddings(hidden, mask, self.config))])
 
     def execute(self, requests):
         responses = [io.guarded("embedding encoder", self._checked, r) for r in requests]
         valid = [i for i, checked in enumerate(responses) if isinstance(checked, dict)]
         if valid:  # one encoder pass for every valid request of this batch
             feeds = [responses[i] for i in valid]
-            outputs = io.guarded("embedding encoder", self._embeddings, feeds)
-            for k, i in enumerate(valid):
-                responses[i] = (pb_utils.InferenceResponse([pb_utils.Tensor(EMBEDDING, outputs[k])])
+            outputs = io.guarded("embedding encoder", encode_batches, feeds, self.encoder, *self.chunk)
+            for k, i in enumerate(valid):   # pooled per request: one request's error stays its own
+                responses[i] = (io.guarded("embedding pooling", self._pooled, outputs[k], feeds[k]["attention_mask"])
                                 if isinstance(outputs, list) else outputs)
             if isinstance(outputs, list) and self.metrics.on:   # texts and tokens the encoder saw
                 self.metrics.embedded(sum(f["attention_mask"].shape[0] for f in feeds),

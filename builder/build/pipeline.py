@@ -124,6 +124,15 @@ def _staging(output: Path) -> Path:
     return staging
 
 
+def remove_unlisted_models(repository: Path, listed: set[str]) -> None:
+    """Delete model folders no deployment lists any more, such as the `-pooling` model a rebuilt CPU
+    embedding deployment no longer has: serve loads every model folder, and a leftover would hold a
+    stub, or fail to load once its runtime copy is gone."""
+    for config in Path(repository).glob("*/config.pbtxt"):
+        if config.parent.name not in listed:
+            shutil.rmtree(config.parent, ignore_errors=True)
+
+
 def _swap_in(staging: Path, output: Path) -> None:
     old = output.with_name(f".{output.name}.old-{os.getpid()}")
     if output.exists():
@@ -186,6 +195,7 @@ def _build(specs: list[DeploymentSpec], opts: BuildOptions, output: Path, steps:
         with steps.step("writing the repository (manifest, then swapped into place)", str(output)):
             shutil.rmtree(staging / ".work", ignore_errors=True)
             runtime.remove_unused_runtimes(staging, set(manifest.runtimes()))
+            remove_unlisted_models(staging, manifest.triton_models())
             manifest.generator = GENERATOR
             write_manifest(staging, manifest)
             _swap_in(staging, output)

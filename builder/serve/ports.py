@@ -7,6 +7,7 @@ not: a port one program found free can be taken by the other before its server b
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import socket
@@ -14,6 +15,8 @@ import socket
 from backends.errors import UserError
 
 PORT_RANGE_ENV = "SERVERLESS_TRITON_PORTS"
+RECENT = 64           # ports handed out lately, not handed out again (their server may not be up yet)
+_recent: collections.deque[int] = collections.deque(maxlen=RECENT)
 
 
 def port_range() -> range | None:
@@ -25,10 +28,12 @@ def port_range() -> range | None:
     try:
         lo, hi = int(low), int(high)
     except ValueError:
-        lo = hi = 0
-    if not sep or not 1024 <= lo <= hi <= 65535:
-        raise UserError(f"{PORT_RANGE_ENV}={value!r} is not a port range: write LOW-HIGH, e.g. 20000-24999 "
-                        "(1024..65535), or unset it to let the kernel pick")
+        raise UserError(f"{PORT_RANGE_ENV}={value!r} is not a port range: write LOW-HIGH, e.g. 20000-24999, "
+                        "or unset it to let the kernel pick") from None
+    if not 1024 <= lo <= 65535 or not 1024 <= hi <= 65535:
+        raise UserError(f"{PORT_RANGE_ENV}={value!r}: ports must lie in 1024..65535 (LOW-HIGH, e.g. 20000-24999)")
+    if lo > hi:
+        raise UserError(f"{PORT_RANGE_ENV}={value!r}: LOW is above HIGH; write LOW-HIGH, e.g. {hi}-{lo}")
     return range(lo, hi + 1)
 
 
@@ -44,28 +49,39 @@ def _bound(host: str, port: int) -> socket.socket | None:
 
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """n distinct ports free now (all bound at once, so none repeats; the server binds them a
-    moment later). From SERVERLESS_TRITON_PORTS in random order when it is set (a port just
-    given back is not the next one handed out), else from the kernel."""
+    moment later). From SERVERLESS_TRITON_PORTS in random order when it is set, else from the
+    kernel; either way never one this process handed out recently, since callers that pick one
+    port at a time (serve picks five) bind none of them before asking for the next."""
     allowed = port_range()
     socks: list[socket.socket] = []
     try:
+        picked: list[socket.socket] = []
         if allowed is None:
-            for _ in range(n):
+            for _ in range(n + len(_recent)):
+                if len(picked) == n:
+                    break
                 s = _bound(host, 0)
                 if s is None:
-                    raise OSError(f"no free port on {host}")
-                socks.append(s)
+                    break
+                socks.append(s)     # held even when skipped, so the kernel hands out another
+                if s.getsockname()[1] not in _recent:
+                    picked.append(s)
+            if len(picked) < n:
+                raise OSError(f"the kernel has fewer than {n} free ports on {host}")
         else:
             for port in random.sample(allowed, len(allowed)):
-                if len(socks) == n:
+                if len(picked) == n:
                     break
-                s = _bound(host, port)
+                s = None if port in _recent else _bound(host, port)
                 if s is not None:
                     socks.append(s)
-            if len(socks) < n:
+                    picked.append(s)
+            if len(picked) < n:
                 raise UserError(f"{PORT_RANGE_ENV}={os.environ[PORT_RANGE_ENV]} has fewer than {n} free ports "
-                                f"on {host}: widen the range")
-        return [s.getsockname()[1] for s in socks]
+                                f"on {host} (besides the {len(_recent)} handed out lately): widen the range")
+        ports = [s.getsockname()[1] for s in picked]
+        _recent.extend(ports)
+        return ports
     finally:
         for s in socks:
             s.close()

@@ -128,7 +128,7 @@ def test_manifest_records_every_precision(embedding_repository):
         assert engine["pooling"] == ["mean"] and engine["normalize"] and engine["max_batch_size"] == MAX_BATCH
         # measured in a subprocess under the largest batch: it grows past the load, and the need counts it
         measured = engine["memory"]
-        assert measured["load_test"] == f"{MAX_BATCH} texts of 256 tokens"
+        assert measured["load_test"] == f"{MAX_BATCH} texts of 256 tokens (peak)"
         assert engine["weights_bytes"] < measured["loaded_bytes"] < measured["after_load_test_bytes"]
         assert engine["memory_bytes"] > measured["after_load_test_bytes"]      # + the tokenize stub
         sizes[p] = engine["weights_bytes"] / 2**20

@@ -117,6 +117,8 @@ def test_encoder_inputs_are_checked():
         emb.check_encoder_inputs({"input_ids": np.ones((1, 2)), "attention_mask": None})
     with pytest.raises(RequestError, match="share one"):
         emb.check_encoder_inputs({"input_ids": np.ones((2, 4)), "attention_mask": np.ones((2, 3))})
+    with pytest.raises(RequestError, match="no texts"):
+        emb.check_encoder_inputs({"input_ids": np.ones((0, 3)), "attention_mask": np.ones((0, 3))})
     with pytest.raises(RequestError, match="right-padded"):
         emb.check_encoder_inputs({"input_ids": np.ones((1, 3)), "attention_mask": np.array([[0, 1, 1]])})
 

@@ -1,4 +1,5 @@
-"""free_ports: the kernel's picks by default, a named range with SERVERLESS_TRITON_PORTS."""
+"""free_ports: the kernel's picks by default, a named range with SERVERLESS_TRITON_PORTS, and never
+a port handed out lately (serve picks its ports one at a time before binding any)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,27 @@ import socket
 import pytest
 
 from backends.errors import UserError
-from builder.serve.ports import PORT_RANGE_ENV, free_ports, port_range
+from builder.serve import ports as ports_module
+from builder.serve.ports import PORT_RANGE_ENV, free_port, free_ports, port_range
 from tests.support.worker_ports import worker_port_range
+
+
+@pytest.fixture(autouse=True)
+def forget_recent(monkeypatch):
+    monkeypatch.setattr(ports_module, "_recent", type(ports_module._recent)(maxlen=ports_module.RECENT))
+
+
+def _two_free_neighbours() -> tuple[socket.socket, int]:
+    """A socket holding port p, with p + 1 free (retried: the neighbour may be taken)."""
+    for _ in range(50):
+        held = socket.create_server(("127.0.0.1", 0))
+        port = held.getsockname()[1]
+        try:
+            with socket.create_server(("127.0.0.1", port + 1)):
+                return held, port
+        except OSError:
+            held.close()
+    pytest.skip("no two neighbouring free ports found")
 
 
 def test_without_a_range_the_kernel_picks_distinct_ports(monkeypatch):
@@ -27,9 +47,24 @@ def test_ports_come_from_the_named_range_distinct_and_bindable(monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("ranged", [True, False])
+def test_ports_picked_one_at_a_time_never_repeat(monkeypatch, ranged):
+    """serve asks for one port at a time and binds none before the last: a narrow range (or the
+    kernel) must not hand the same free port out twice."""
+    if ranged:
+        monkeypatch.setenv(PORT_RANGE_ENV, "23100-23109")
+    else:
+        monkeypatch.delenv(PORT_RANGE_ENV, raising=False)
+    picked = [free_port() for _ in range(10 if ranged else 40)]
+    assert len(set(picked)) == len(picked)
+    if ranged:    # all ten handed out lately: the range is spent until they age out
+        with pytest.raises(UserError, match="fewer than 1 free ports.*handed out lately.*widen the range"):
+            free_port()
+
+
 def test_a_taken_port_in_the_range_is_skipped(monkeypatch):
-    with socket.create_server(("127.0.0.1", 0)) as taken:
-        port = taken.getsockname()[1]
+    held, port = _two_free_neighbours()
+    with held:
         monkeypatch.setenv(PORT_RANGE_ENV, f"{port}-{port + 1}")
         assert free_ports(1) == [port + 1]
 
@@ -42,10 +77,13 @@ def test_a_range_too_small_says_to_widen_it(monkeypatch):
             free_ports(1)
 
 
-@pytest.mark.parametrize("value", ["20000", "abc-def", "30000-20000", "80-90", "60000-70000", "1-2-3"])
-def test_a_malformed_range_names_the_variable_and_the_form(monkeypatch, value):
+@pytest.mark.parametrize("value, says", [
+    ("20000", "not a port range: write LOW-HIGH"), ("abc-def", "not a port range"), ("1-2-3", "not a port range"),
+    ("30000-20000", "LOW is above HIGH; write LOW-HIGH, e.g. 20000-30000"),
+    ("80-90", "must lie in 1024..65535"), ("60000-70000", "must lie in 1024..65535")])
+def test_a_malformed_range_names_the_variable_and_the_fix(monkeypatch, value, says):
     monkeypatch.setenv(PORT_RANGE_ENV, value)
-    with pytest.raises(UserError, match=rf"{PORT_RANGE_ENV}=.*LOW-HIGH"):
+    with pytest.raises(UserError, match=rf"{PORT_RANGE_ENV}=.*{says}"):
         port_range()
 
 

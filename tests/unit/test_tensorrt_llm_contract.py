@@ -772,6 +772,13 @@ def test_embedding_build_places_the_tensorrt_encoder(layout, tmp_path, monkeypat
     assert len(trtexec) == 2
     length = 256 if layout == "sentence-transformers" else 512
     assert all(f"input_ids:64x{length}" in " ".join(c) for c in trtexec)
+    # a rebuild deletes model folders no deployment lists any more (a CPU encoder's old pooling model)
+    (repo / "mini-stale").mkdir()
+    (repo / "mini-stale" / "config.pbtxt").write_text('name: "mini-stale"\n')
+    build([spec], BuildOptions(output=repo, cache_dir=tmp_path / "cache", echo=lambda _: None, force=True))
+    assert not (repo / "mini-stale").exists()
+    assert {p.parent.name for p in repo.glob("*/config.pbtxt")} == \
+        {m for p in ("fp16", "fp8") for m in DeploymentName("mini", p).embedding_models(pooling_model=True)}
 
 
 # -- serving tensor x pipeline parallel engines: one tritonserver per MPI rank ---------------

@@ -23,9 +23,10 @@ LOAD_TEST_NEW_TOKENS = 16
 TIMEOUT_S = 900
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
@@ -62,22 +63,28 @@ def load_test(engine_dir: Path, context_size: int, max_batch_size: int, clients:
             "completed": sum(1 for n, reason in generated if reason in ("length", "stop"))}
 
 
-def encoder_load_test(engine_dir: Path, inference_precision: str, texts: int, length: int,
-                      inputs: list[str]) -> dict:
+def encoder_load_test(engine_dir: Path, inference_precision: str, texts: int, length: int, inputs: list[str],
+                      pooling: list[str], normalize: bool) -> dict:
     """Run in this process: load the encoder as its stub does (the compiled blob when it fits this
-    host), encode its largest batch (the chunks' largest shapes: its peak), report RSS."""
+    host), encode and pool its largest batch as the stub does, and report the RSS after the load
+    and the peak (the batch's token embeddings and pooling's copy of them are held at once)."""
     import numpy as np
 
-    from backends.embedding import CHUNK_TEXTS, CHUNK_TOKENS, OpenVinoEncoder, encode_batches
+    from backends.embedding import CHUNK_TEXTS, CHUNK_TOKENS, OpenVinoEncoder, encode_batches, l2_normalize, pool
 
     encoder = OpenVinoEncoder(Path(engine_dir) / "openvino_model.xml", inference_precision)
     loaded = rss_bytes()
-    ids = (np.arange(texts * length, dtype=np.int64).reshape(texts, length) * 7) % 20000 + 1000
+    config = Path(engine_dir) / "config.json"
+    vocab = int(json.loads(config.read_text()).get("vocab_size", 1000)) if config.is_file() else 1000
+    ids = (np.arange(texts * length, dtype=np.int64).reshape(texts, length) * 7) % max(vocab - 1, 1) + 1
     feeds = {name: ids if name == "input_ids" else
              np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids) for name in inputs}
-    encode_batches([feeds], encoder, CHUNK_TEXTS, CHUNK_TOKENS)
-    return {"loaded_bytes": loaded, "after_load_test_bytes": rss_bytes(),
-            "load_test": f"{texts} texts of {length} tokens"}
+    (hidden,) = encode_batches([feeds], encoder, CHUNK_TEXTS, CHUNK_TOKENS)
+    pooled = pool(hidden, feeds["attention_mask"], pooling)
+    if normalize:
+        l2_normalize(pooled)
+    return {"loaded_bytes": loaded, "after_load_test_bytes": rss_bytes("VmHWM"),
+            "load_test": f"{texts} texts of {length} tokens (peak)"}
 
 
 def measure(engine_dir: Path, context_size: int, max_batch_size: int, prompt_lookup: bool = False) -> dict:
@@ -88,10 +95,11 @@ def measure(engine_dir: Path, context_size: int, max_batch_size: int, prompt_loo
 
 
 def measure_encoder(engine_dir: Path, inference_precision: str, max_batch_size: int, max_length: int,
-                    inputs: tuple[str, ...]) -> dict:
+                    inputs: tuple[str, ...], pooling: tuple[str, ...], normalize: bool) -> dict:
     """encoder_load_test in a fresh subprocess."""
     return _in_subprocess({"encoder": str(engine_dir), "inference_precision": inference_precision,
-                           "texts": max_batch_size, "length": max_length, "inputs": list(inputs)})
+                           "texts": max_batch_size, "length": max_length, "inputs": list(inputs),
+                           "pooling": list(pooling), "normalize": normalize})
 
 
 def _in_subprocess(args: dict) -> dict:
@@ -107,7 +115,7 @@ if __name__ == "__main__":
     args = json.loads(sys.stdin.read())
     if "encoder" in args:
         print(json.dumps(encoder_load_test(Path(args["encoder"]), args["inference_precision"], args["texts"],
-                                           args["length"], args["inputs"])))
+                                           args["length"], args["inputs"], args["pooling"], args["normalize"])))
     else:
         print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"],
                                    prompt_lookup=args.get("prompt_lookup", False))))
