@@ -33,7 +33,8 @@ demo: install nginx
 # pytest-xdist workers, since they mostly wait on servers (tests/conftest.py keeps each module on one
 # worker, the shared LLM build on one, and gives each worker its own port range), then the
 # timing-sensitive fault injection (`-m alone`) with the machine to itself. `TEST_WORKERS=0` runs
-# the integration tests in one process instead (16 min against ~12.5 on 2 cores).
+# the integration tests in one process instead: 16-18 min against 10 + 3.5 min on 2 cores
+# (fresh-clone .ci/run 2026-12-02: 1034 s in all, the install included).
 TEST_WORKERS ?= 2
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
