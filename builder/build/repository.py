@@ -120,9 +120,7 @@ class RepositoryWriter:
         encoder = self.write_model("embedding_encoder", dep.embedding_encoder, inputs=io["encoder"][0],
                                    outputs=io["pooling"][1], quantization=PRECISIONS[dep.precision].openvino,
                                    compute=compute, chunk_texts=CHUNK_TEXTS, chunk_tokens=CHUNK_TOKENS,
-                                   pooling=" + ".join(config.pooling), normalize=config.normalize,
-                                   pooling_source=config.pooling_source, deployment=str(dep),
-                                   max_batch_size=max_batch_size)
+                                   **_pooling_params(config), deployment=str(dep), max_batch_size=max_batch_size)
         config.save(encoder / "1")
         shutil.move(str(engine_dir), str(encoder / "1" / "engine"))
         return self.write_embedding_pipeline(dep, hf_dir, config, max_batch_size, c.EMBEDDING, pooling_model=False)
@@ -149,8 +147,7 @@ class RepositoryWriter:
         ]
         if pooling_model:
             pooling = self.write_model("embedding_pooling", dep.embedding_pooling, inputs=io["pooling"][0],
-                                       outputs=io["pooling"][1], pooling=" + ".join(config.pooling),
-                                       normalize=config.normalize, pooling_source=config.pooling_source, **shared)
+                                       outputs=io["pooling"][1], **_pooling_params(config), **shared)
             config.save(pooling / "1")
             steps.append({"model": dep.embedding_pooling, "inputs": {c.TOKEN_EMBEDDINGS: c.TOKEN_EMBEDDINGS,
                                                                       "attention_mask": "attention_mask"},
@@ -158,3 +155,9 @@ class RepositoryWriter:
         self.write_model("embedding", dep.embedding, inputs=io["ensemble"][0], outputs=io["ensemble"][1], steps=steps,
                          dimension=config.dimension, deployment=str(dep), max_batch_size=max_batch_size)
         return dep.embedding_models(pooling_model)
+
+
+def _pooling_params(config: EmbeddingConfig) -> dict:
+    """What the config.pbtxt comment says of the pooling, wherever it runs (CPU encoder, pooling model)."""
+    return {"pooling": " + ".join(config.pooling), "normalize": config.normalize,
+            "pooling_source": config.pooling_source}

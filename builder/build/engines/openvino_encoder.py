@@ -214,8 +214,7 @@ def build_deployment(job: BuildJob) -> BuiltDeployment:
     with job.step("compiling the encoder for this host (loads import it instead of compiling)"):
         write_compiled(work, tokenizer, COMPUTE[precision])
     with job.step(f"measuring the encoder's memory ({spec.max_batch_size} texts of {config.max_length} tokens)"):
-        memory = openvino_memory.measure_encoder(work, COMPUTE[precision], spec.max_batch_size, config.max_length,
-                                                 config.encoder_inputs, config.pooling, config.normalize)
+        memory = openvino_memory.measure_encoder(work, COMPUTE[precision], spec.max_batch_size, config)
     info = engine_info(precision, config, spec.max_batch_size, work, memory)
     models = job.writer.write_embedding_models(dep, ckpt.hf_dir, config, work, spec.max_batch_size, COMPUTE[precision])
     return BuiltDeployment(models, {"infer": dep.embedding}, info, accuracy)

@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from backends.embedding import EmbeddingConfig
 from backends.errors import BuildError
 
 LOAD_TEST_CLIENTS = 8
@@ -63,26 +64,25 @@ def load_test(engine_dir: Path, context_size: int, max_batch_size: int, clients:
             "completed": sum(1 for n, reason in generated if reason in ("length", "stop"))}
 
 
-def encoder_load_test(engine_dir: Path, inference_precision: str, texts: int, length: int, inputs: list[str],
-                      pooling: list[str], normalize: bool) -> dict:
+def encoder_load_test(engine_dir: Path, inference_precision: str, texts: int, config: EmbeddingConfig) -> dict:
     """Run in this process: load the encoder as its stub does (the compiled blob when it fits this
-    host), encode and pool its largest batch as the stub does, and report the RSS after the load
-    and the peak (the batch's token embeddings and pooling's copy of them are held at once)."""
+    host), encode and pool its largest batch (`texts` of the longest length) as the stub does, and
+    report the RSS after the load and the peak (the batch's token embeddings and pooling's copy of
+    them are held at once)."""
     import numpy as np
 
-    from backends.embedding import CHUNK_TEXTS, CHUNK_TOKENS, OpenVinoEncoder, encode_batches, l2_normalize, pool
+    from backends.embedding import CHUNK_TEXTS, CHUNK_TOKENS, OpenVinoEncoder, encode_batches, sentence_embeddings
 
     encoder = OpenVinoEncoder(Path(engine_dir) / "openvino_model.xml", inference_precision)
     loaded = rss_bytes()
-    config = Path(engine_dir) / "config.json"
-    vocab = int(json.loads(config.read_text()).get("vocab_size", 1000)) if config.is_file() else 1000
+    checkpoint = Path(engine_dir) / "config.json"
+    vocab = int(json.loads(checkpoint.read_text()).get("vocab_size", 1000)) if checkpoint.is_file() else 1000
+    length = config.max_length
     ids = (np.arange(texts * length, dtype=np.int64).reshape(texts, length) * 7) % max(vocab - 1, 1) + 1
     feeds = {name: ids if name == "input_ids" else
-             np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids) for name in inputs}
+             np.ones_like(ids) if name == "attention_mask" else np.zeros_like(ids) for name in config.encoder_inputs}
     (hidden,) = encode_batches([feeds], encoder, CHUNK_TEXTS, CHUNK_TOKENS)
-    pooled = pool(hidden, feeds["attention_mask"], pooling)
-    if normalize:
-        l2_normalize(pooled)
+    sentence_embeddings(hidden, feeds["attention_mask"], config)
     return {"loaded_bytes": loaded, "after_load_test_bytes": rss_bytes("VmHWM"),
             "load_test": f"{texts} texts of {length} tokens (peak)"}
 
@@ -94,12 +94,10 @@ def measure(engine_dir: Path, context_size: int, max_batch_size: int, prompt_loo
                            "prompt_lookup": prompt_lookup})
 
 
-def measure_encoder(engine_dir: Path, inference_precision: str, max_batch_size: int, max_length: int,
-                    inputs: tuple[str, ...], pooling: tuple[str, ...], normalize: bool) -> dict:
+def measure_encoder(engine_dir: Path, inference_precision: str, max_batch_size: int, config: EmbeddingConfig) -> dict:
     """encoder_load_test in a fresh subprocess."""
     return _in_subprocess({"encoder": str(engine_dir), "inference_precision": inference_precision,
-                           "texts": max_batch_size, "length": max_length, "inputs": list(inputs),
-                           "pooling": list(pooling), "normalize": normalize})
+                           "texts": max_batch_size, "config": config.to_json()})
 
 
 def _in_subprocess(args: dict) -> dict:
@@ -115,7 +113,7 @@ if __name__ == "__main__":
     args = json.loads(sys.stdin.read())
     if "encoder" in args:
         print(json.dumps(encoder_load_test(Path(args["encoder"]), args["inference_precision"], args["texts"],
-                                           args["length"], args["inputs"], args["pooling"], args["normalize"])))
+                                           EmbeddingConfig.from_json(args["config"]))))
     else:
         print(json.dumps(load_test(Path(args["engine"]), args["context_size"], args["max_batch_size"],
                                    prompt_lookup=args.get("prompt_lookup", False))))
