@@ -248,6 +248,7 @@ def encode_batches(batches: Sequence[dict[str, np.ndarray]], infer: Callable[[di
 # this host and this OpenVINO; otherwise, or when the import fails, the IR is compiled as before.
 COMPILED_BLOB = "openvino_model.cpu.blob"
 COMPILED_KEY = "openvino_model.cpu.json"
+WEIGHTS_EXPANDED = "weights_expanded"     # in the key file: the blob's weights were expanded to f32
 
 
 def encoder_properties(inference_precision: str) -> dict[str, str]:
@@ -256,7 +257,9 @@ def encoder_properties(inference_precision: str) -> dict[str, str]:
 
 def compiled_key(xml: Path, inference_precision: str) -> dict:
     """What a compiled encoder depends on: OpenVINO's version, the host's ISA class, the compile
-    properties and the IR (its graph's hash, its weights' size)."""
+    properties and the IR (its graph's hash, its weights' size). Whether its weights were expanded
+    at load follows from these (backends.encoder_weights), so a blob is only reused where the same
+    decision would be made."""
     import hashlib
 
     import openvino as ov
@@ -275,24 +278,43 @@ def export_compiled(xml: Path, inference_precision: str) -> Path:
     import openvino as ov
 
     xml = Path(xml)
-    compiled = ov.Core().compile_model(str(xml), "CPU", encoder_properties(inference_precision))
+    compiled, expand = compile_encoder(ov.Core(), xml, inference_precision)
     blob = xml.parent / COMPILED_BLOB
     blob.write_bytes(compiled.export_model().getvalue())
-    (xml.parent / COMPILED_KEY).write_text(json.dumps(compiled_key(xml, inference_precision), indent=1) + "\n")
+    key = {**compiled_key(xml, inference_precision), WEIGHTS_EXPANDED: expand}
+    (xml.parent / COMPILED_KEY).write_text(json.dumps(key, indent=1) + "\n")
     return blob
 
 
+def compile_encoder(core, xml: Path, inference_precision: str):
+    """The IR compiled for this host's CPU, its compressed weights expanded to f32 first where no
+    kernel here computes on them (backends.encoder_weights). Returns (compiled model, expanded?)."""
+    from backends.cpu_isa import host_isa_class
+    from backends.encoder_weights import expand_at_load, expanded
+
+    model = core.read_model(str(xml))
+    expand = expand_at_load(model, inference_precision, host_isa_class())
+    if expand:
+        model = expanded(model)
+    return core.compile_model(model, "CPU", encoder_properties(inference_precision)), expand
+
+
 class OpenVinoEncoder:
-    """An OpenVINO encoder IR compiled for CPU, called as `infer(feeds) -> token embeddings`."""
+    """An OpenVINO encoder IR compiled for CPU, called as `infer(feeds) -> token embeddings`.
+    `weights_expanded`: whether its compressed weights were expanded to f32 at load (for an
+    imported blob: what the build's compile on a host of this class decided)."""
 
     def __init__(self, xml: Path, inference_precision: str = "f32", use_compiled: bool = True):
         import openvino as ov
 
-        core, props = ov.Core(), encoder_properties(inference_precision)
+        core = ov.Core()
         self.compiled = self._import(core, Path(xml), inference_precision) if use_compiled else None
         self.imported = self.compiled is not None
+        self.weights_expanded: bool | None = None
         if self.compiled is None:
-            self.compiled = core.compile_model(str(xml), "CPU", props)
+            self.compiled, self.weights_expanded = compile_encoder(core, Path(xml), inference_precision)
+        else:
+            self.weights_expanded = json.loads((Path(xml).parent / COMPILED_KEY).read_text()).get(WEIGHTS_EXPANDED)
         self.request = self.compiled.create_infer_request()
         self.inputs = tuple(i.get_any_name() for i in self.compiled.inputs)
 
@@ -303,7 +325,9 @@ class OpenVinoEncoder:
         try:
             if not (blob.is_file() and key.is_file()):
                 return None
-            if json.loads(key.read_text()) != compiled_key(xml, inference_precision):
+            recorded = json.loads(key.read_text())
+            recorded.pop(WEIGHTS_EXPANDED, None)        # what the compile decided, not what it depends on
+            if recorded != compiled_key(xml, inference_precision):
                 return None
             return core.import_model(blob.read_bytes(), "CPU", encoder_properties(inference_precision))
         except Exception:  # noqa: BLE001 -- a blob the plugin refuses: compile the IR instead

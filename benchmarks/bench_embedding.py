@@ -18,6 +18,7 @@ import pytest
 
 from builder.paths import cache_root
 from builder.serve.ports import free_ports
+from tests.support.machine import cpu_description
 from tests.support.texts import varied_sentences
 
 NAME = "all-minilm-l6-v2"
@@ -109,7 +110,7 @@ def summary():
     yield
     base = RESULTS.get("sentence-transformers fp32")
     print(f"\n{len(SENTENCES)} texts, {CLIENTS} clients x {TEXTS_PER_REQUEST} texts/request, "
-          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M')}")
+          f"{time.strftime('%Y-%m-%d %H:%M')}, CPU: {cpu_description()}")
     for name, rate in RESULTS.items():
         ratio = f"{rate / base:.2f}x" if base else ""
         precision = name.split()[-1]

@@ -28,6 +28,7 @@ import tritonclient.grpc as grpcclient
 from builder.paths import cache_root
 from builder.serve.ports import free_ports
 from builder.serve.processes import children
+from tests.support.machine import cpu_description
 from tests.support.echo_models import ECHO_CONFIG, ECHO_MODEL, write_python_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,4 +206,4 @@ def test_nginx_against_direct(benchmark, endpoints, protocol, workload, capsys):
             print(f"\n{protocol:<4} {workload:<9} {path:<6} {f['requests_per_s']:>7} req/s  "
                   f"p50 {f['p50_ms']:.2f} ms  p99 {f['p99_ms']:.2f} ms", end="")
         print(f"  -> throughput loss {loss:+.1f}%, nginx CPU {cpu_us:.0f} us/request "
-              f"({cpu_share:.1f}% of the cores at the direct rate)")
+              f"({cpu_share:.1f}% of the cores at the direct rate; CPU: {cpu_description()})")

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from builder.serve.ports import free_port
+from tests.support.machine import cpu_description
 from tests.support.s3 import start_s3_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def figures(request):
     write = plugins.get_plugin("terminalreporter").write_line
     with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
         write("")
-        write("storage: best round (mean), subprocess start included:")
+        write(f"storage: best round (mean), subprocess start included; CPU: {cpu_description()}")
         for op in ("push", "pull", "re-push unchanged"):
             ours, aws = results.get(f"{op} ours"), results.get(f"{op} aws")
             if ours and aws:
@@ -118,6 +119,7 @@ def _throughput(benchmark, figures: dict, name: str, total: int) -> None:
     figures[name] = (total / MiB / stats.min, total / MiB / stats.mean)
     benchmark.extra_info["MiB/s best"] = round(figures[name][0], 1)
     benchmark.extra_info["MiB/s mean"] = round(figures[name][1], 1)
+    benchmark.extra_info["cpu"] = cpu_description()
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:

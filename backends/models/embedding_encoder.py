@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 
 from backends import triton_io as io
 from backends.contract.tensors import EMBEDDING
+from backends.cpu_isa import host_isa_class
 from backends.embedding import (EmbeddingConfig, OpenVinoEncoder, check_encoder_inputs, encode_batches,
                                sentence_embeddings)
 from backends.metrics import ModelMetrics
@@ -23,6 +24,9 @@ class TritonPythonModel:
         engine = version / "engine" / "openvino_model.xml"
         self.config = EmbeddingConfig.load(version)
         self.encoder = OpenVinoEncoder(engine, params["inference_precision"])
+        pb_utils.Logger.log_info(f"encoder {args['model_name']} runtime: compute={params['inference_precision']} "
+                                 f"weights={'expanded to f32 at load' if self.encoder.weights_expanded else 'as stored'} "
+                                 f"isa_class={host_isa_class()} compiled_blob={self.encoder.imported}")
         self.chunk = (int(params["chunk_texts"]), int(params["chunk_tokens"]))
         self.inputs = [t["name"] for t in json.loads(args["model_config"])["input"]]
         self.metrics = ModelMetrics(args["model_name"])

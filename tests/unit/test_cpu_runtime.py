@@ -128,12 +128,12 @@ for _ in range(6):         # attention-like blocks: every node's kernels depend 
 request = ov.Core().compile_model(ov.Model([x], [p]), "CPU", {"INFERENCE_NUM_THREADS": "1", **props}).create_infer_request()
 def rss():
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")) // 1024
-shapes = [(b, t) for b in range(1, 9) for t in range(2, 130)]
+shapes = [(b, t) for b in range(1, 21) for t in range(2, 130)]
 rng.shuffle(shapes)
 seen = []
-for i, (b, t) in enumerate(shapes[:800], 1):
+for i, (b, t) in enumerate(shapes[:2000], 1):
     request.infer({0: np.ones((b, t, 64), np.float32)})
-    if i in (400, 800):
+    if i in (400, 2000):
         seen.append(rss())
 print(seen[1] - seen[0])
 """
@@ -142,18 +142,18 @@ print(seen[1] - seen[0])
 def test_the_engines_cpu_properties_keep_memory_level_under_ever_new_input_shapes():
     """A serving process sees a new input shape with nearly every prompt length or batch of texts;
     with the CPU plugin's default kernel cache it grows with each (issue 20's soak). Our
-    properties (LLM and encoder alike) level off; the default, measured beside them, does not."""
+    properties (LLM and encoder alike) level off; the default, measured beside them, does not.
+    What a shape costs depends on the ISA: ~0.3 MB on AVX-512 hosts, ~0.012 MB on an AVX2-only
+    Zen3 (2026-12-02: 18 MiB over these 1600 shapes, ours 1), hence the long window."""
     import subprocess
     import sys
 
     from backends.embedding import encoder_properties
 
-    def growth_mib(props: dict) -> int:
-        out = subprocess.run([sys.executable, "-c", _GROWTH, json.dumps(props)], capture_output=True, text=True,
-                             timeout=120, check=True)
-        return int(out.stdout.split()[-1])
-
-    default = growth_mib({})
-    ours = [growth_mib(RuntimeSetting("f32", "u8", 32).properties()), growth_mib(encoder_properties("f32"))]
-    assert default > 30, f"the plugin's default cache grew only {default} MiB over 400 new shapes"
-    assert max(ours) < 12, f"grew {ours} MiB over 400 new shapes with the engines' properties (default: {default})"
+    settings = [{}, RuntimeSetting("f32", "u8", 32).properties(), encoder_properties("f32")]
+    probes = [subprocess.Popen([sys.executable, "-c", _GROWTH, json.dumps(props)], stdout=subprocess.PIPE,
+                               text=True) for props in settings]     # one thread each: run side by side
+    default, *ours = [int(p.communicate(timeout=300)[0].split()[-1]) for p in probes]
+    assert all(p.returncode == 0 for p in probes)
+    assert default > 12, f"the plugin's default cache grew only {default} MiB over 1600 new shapes"
+    assert max(ours) < 8, f"grew {ours} MiB over 1600 new shapes with the engines' properties (default: {default})"
