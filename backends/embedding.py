@@ -308,30 +308,30 @@ class OpenVinoEncoder:
         import openvino as ov
 
         core = ov.Core()
-        self.compiled = self._import(core, Path(xml), inference_precision) if use_compiled else None
+        self.compiled, self.weights_expanded = (self._import(core, Path(xml), inference_precision)
+                                                if use_compiled else (None, None))
         self.imported = self.compiled is not None
-        self.weights_expanded: bool | None = None
         if self.compiled is None:
             self.compiled, self.weights_expanded = compile_encoder(core, Path(xml), inference_precision)
-        else:
-            self.weights_expanded = json.loads((Path(xml).parent / COMPILED_KEY).read_text()).get(WEIGHTS_EXPANDED)
         self.request = self.compiled.create_infer_request()
         self.inputs = tuple(i.get_any_name() for i in self.compiled.inputs)
 
     @staticmethod
     def _import(core, xml: Path, inference_precision: str):
-        """The build's compiled encoder when it was made for this host, OpenVINO and IR; else None."""
+        """(the build's compiled encoder, whether its weights were expanded) when it was made for this
+        host, OpenVINO and IR; else (None, None). A blob from before the expansion rule (no
+        `weights_expanded` in its key) is not imported: it may hold weights this host would expand."""
         blob, key = xml.parent / COMPILED_BLOB, xml.parent / COMPILED_KEY
         try:
             if not (blob.is_file() and key.is_file()):
-                return None
+                return None, None
             recorded = json.loads(key.read_text())
-            recorded.pop(WEIGHTS_EXPANDED, None)        # what the compile decided, not what it depends on
-            if recorded != compiled_key(xml, inference_precision):
-                return None
-            return core.import_model(blob.read_bytes(), "CPU", encoder_properties(inference_precision))
-        except Exception:  # noqa: BLE001 -- a blob the plugin refuses: compile the IR instead
-            return None
+            expanded = recorded.pop(WEIGHTS_EXPANDED)   # what the compile decided, not what it depends on
+            if recorded != compiled_key(xml, inference_precision) or not isinstance(expanded, bool):
+                return None, None
+            return core.import_model(blob.read_bytes(), "CPU", encoder_properties(inference_precision)), expanded
+        except Exception:  # noqa: BLE001 -- an old key or a blob the plugin refuses: compile the IR instead
+            return None, None
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         self.request.infer({name: feeds[name] for name in self.inputs})

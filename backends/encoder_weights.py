@@ -9,7 +9,9 @@ call is pure overhead when nothing faster consumes them. Measured on an AVX2-onl
 fp16 slower than fp32 everywhere; expanded at load they run at fp32's speed with their own
 outputs (cosine 1.000000 against the compressed engine). Where a kernel does use the compressed
 form it is kept: int8 with dynamic quantization from the avx512 class up (1.4x fp32 on Zen4), fp8
-under bf16 compute on bf16 classes. Expanded weights take f32's memory (MiniLM: 86 MiB, not 22).
+under bf16 compute on bf16 classes. Expanded weights take f32's memory (MiniLM: 86 MiB of weights
+instead of 22 for int8 or 43 for fp16), the embedding table included: OpenVINO's Python API cannot
+exclude a subgraph from ConstantFolding, and only its gathered rows would need decompressing.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ def compressed_weights(model) -> set[str]:
 def computes_on(family: str, inference_precision: str, isa_class: str) -> bool:
     """Whether this host has a kernel that computes on weights of this family directly."""
     rank = ISA_CLASSES.index(isa_class)
-    if family in ("int8", "int4"):     # dynamic quantization of the activations (VNNI / AVX-512)
+    # dynamic quantization of the activations: measured on AVX-512 with VNNI (Zen4); assumed for
+    # AVX-512 without VNNI (the LLM build measured it available there, under a cap), not on AVX2_VNNI
+    if family in ("int8", "int4"):
         return rank >= ISA_CLASSES.index("avx512")
     if family == "f8":                 # fp8 weights under bf16 compute
         return inference_precision == "bf16" and rank >= ISA_CLASSES.index("avx512_bf16")

@@ -153,7 +153,8 @@ def test_the_engines_cpu_properties_keep_memory_level_under_ever_new_input_shape
     settings = [{}, RuntimeSetting("f32", "u8", 32).properties(), encoder_properties("f32")]
     probes = [subprocess.Popen([sys.executable, "-c", _GROWTH, json.dumps(props)], stdout=subprocess.PIPE,
                                text=True) for props in settings]     # one thread each: run side by side
-    default, *ours = [int(p.communicate(timeout=300)[0].split()[-1]) for p in probes]
-    assert all(p.returncode == 0 for p in probes)
+    outputs = [p.communicate(timeout=300)[0] for p in probes]
+    assert [p.returncode for p in probes] == [0, 0, 0], outputs
+    default, *ours = [int(out.split()[-1]) for out in outputs]
     assert default > 12, f"the plugin's default cache grew only {default} MiB over 1600 new shapes"
     assert max(ours) < 8, f"grew {ours} MiB over 1600 new shapes with the engines' properties (default: {default})"

@@ -25,6 +25,8 @@ def _encoder(weights: str) -> ov.Model:
     w = rng.standard_normal((16, 16)).astype(np.float32)
     if weights == "f16":
         w = op.convert(op.constant(w.astype(np.float16)), np.float32)
+    elif weights == "f8":
+        w = op.convert(op.constant(w, dtype=ov.Type.f8e4m3), np.float32)
     elif weights == "int8":
         scale = (np.abs(w).max(axis=0, keepdims=True) / 127).astype(np.float32)
         q = (np.round(w / scale) + 128).astype(np.uint8)
@@ -42,7 +44,7 @@ def _saved(tmp_path, weights: str):
     return xml
 
 
-@pytest.mark.parametrize("weights, families", [("f32", set()), ("f16", {"f16"}), ("int8", {"int8"})])
+@pytest.mark.parametrize("weights, families", [("f32", set()), ("f16", {"f16"}), ("int8", {"int8"}), ("f8", {"f8"})])
 def test_the_compressed_weight_families_are_read_off_the_graph(weights, families):
     assert compressed_weights(_encoder(weights)) == families
 
@@ -65,6 +67,11 @@ def test_an_uncompressed_model_is_never_expanded():
     assert not expand_at_load(_encoder("f32"), "f32", "avx2")
 
 
+def test_fp8_is_expanded_only_where_bf16_compute_runs():
+    assert not expand_at_load(_encoder("f8"), "bf16", "avx512_bf16")
+    assert expand_at_load(_encoder("f8"), "bf16", "avx512")
+
+
 @pytest.mark.parametrize("weights", ["f16", "int8"])
 def test_expanded_weights_give_the_compressed_engine_s_outputs(weights):
     core = ov.Core()
@@ -79,10 +86,15 @@ def test_expanded_weights_give_the_compressed_engine_s_outputs(weights):
 
 @pytest.mark.parametrize("isa, expected", [("avx2", True), ("avx512_bf16", False)])
 def test_the_encoder_expands_int8_by_host_class_and_its_blob_says_so(tmp_path, monkeypatch, isa, expected):
+    from backends import encoder_weights
+
     monkeypatch.setattr(cpu_isa, "host_isa_class", lambda: isa)
+    folded = []
+    monkeypatch.setattr(encoder_weights, "expanded", lambda m: folded.append(m) or expanded(m))
     xml = _saved(tmp_path, "int8")
     fresh = emb.OpenVinoEncoder(xml, "f32")
     assert fresh.weights_expanded is expected and not fresh.imported
+    assert len(folded) == int(expected)
     emb.export_compiled(xml, "f32")
     imported = emb.OpenVinoEncoder(xml, "f32")
     assert imported.imported and imported.weights_expanded is expected
@@ -92,3 +104,19 @@ def test_the_encoder_expands_int8_by_host_class_and_its_blob_says_so(tmp_path, m
 def test_an_f32_encoder_is_compiled_as_it_is(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_isa, "host_isa_class", lambda: "avx2")
     assert emb.OpenVinoEncoder(_saved(tmp_path, "f32"), "f32").weights_expanded is False
+
+
+def test_a_blob_from_before_the_rule_is_compiled_again(tmp_path, monkeypatch):
+    """A key without `weights_expanded` (built before expansion existed) may hold compressed weights
+    this host would expand: it is not imported."""
+    import json
+
+    monkeypatch.setattr(cpu_isa, "host_isa_class", lambda: "avx2")
+    xml = _saved(tmp_path, "int8")
+    emb.export_compiled(xml, "f32")
+    key = xml.parent / emb.COMPILED_KEY
+    data = json.loads(key.read_text())
+    del data[emb.WEIGHTS_EXPANDED]
+    key.write_text(json.dumps(data))
+    encoder = emb.OpenVinoEncoder(xml, "f32")
+    assert not encoder.imported and encoder.weights_expanded is True
