@@ -197,6 +197,7 @@ def test_llamacpp_peer(benchmark, peer, ours):
           f"{len(FAITHFULNESS_PROMPTS)} prompts):", json.dumps(RESULTS["faithfulness"]),
           "standard error:", json.dumps(RESULTS["faithfulness_standard_error"]))
     out = Path(__file__).parent / "results" / "llamacpp.json"
+    out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(RESULTS, indent=1) + "\n")
     for name, share in RESULTS["faithfulness"].items():
         assert 0.0 <= share <= 1.0, name

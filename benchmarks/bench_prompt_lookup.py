@@ -114,5 +114,6 @@ def test_prompt_lookup(benchmark, served):
         print(f"  {k:36s} {v:8.1f}")
     print("ratios:", json.dumps(ratios))
     print("same greedy text with and without prompt lookup:", result["same_greedy_text"])
+    (Path(__file__).parent / "results").mkdir(exist_ok=True)
     (Path(__file__).parent / "results" / "prompt_lookup.json").write_text(json.dumps(result, indent=1) + "\n")
     assert same >= 1
