@@ -52,9 +52,14 @@ def isa_class(flags: set[str], cap: str | None = None) -> str:
             break
         found = name
     capped = _CAP_CLASS.get((cap or "").strip().upper())
-    if capped is not None and ISA_CLASSES.index(capped) < ISA_CLASSES.index(found):
+    if capped is not None and not at_least(capped, found):
         return capped
     return found
+
+
+def at_least(name: str, minimum: str) -> bool:
+    """Whether class `name` has every kernel of class `minimum` (classes are ordered supersets)."""
+    return ISA_CLASSES.index(name) >= ISA_CLASSES.index(minimum)
 
 
 def host_isa_class() -> str:

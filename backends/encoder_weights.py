@@ -16,7 +16,7 @@ exclude a subgraph from ConstantFolding, and only its gathered rows would need d
 
 from __future__ import annotations
 
-from backends.cpu_isa import ISA_CLASSES
+from backends.cpu_isa import at_least
 
 # element types of weight constants that the IR decompresses (Constant -> Convert), by family
 _COMPRESSED = {"f16": "f16", "u8": "int8", "i8": "int8", "u4": "int4", "i4": "int4",
@@ -39,13 +39,12 @@ def compressed_weights(model) -> set[str]:
 
 def computes_on(family: str, inference_precision: str, isa_class: str) -> bool:
     """Whether this host has a kernel that computes on weights of this family directly."""
-    rank = ISA_CLASSES.index(isa_class)
     # dynamic quantization of the activations: measured on AVX-512 with VNNI (Zen4); assumed for
     # AVX-512 without VNNI (the LLM build measured it available there, under a cap), not on AVX2_VNNI
     if family in ("int8", "int4"):
-        return rank >= ISA_CLASSES.index("avx512")
+        return at_least(isa_class, "avx512")
     if family == "f8":                 # fp8 weights under bf16 compute
-        return inference_precision == "bf16" and rank >= ISA_CLASSES.index("avx512_bf16")
+        return inference_precision == "bf16" and at_least(isa_class, "avx512_bf16")
     return False                       # f16 weights under f32 compute: decompressed on every call
 
 
