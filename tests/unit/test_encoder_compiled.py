@@ -41,6 +41,39 @@ def test_a_matching_blob_is_imported_with_the_same_outputs(encoder_xml):
     assert np.array_equal(imported(FEEDS), fresh(FEEDS))
 
 
+IMPORT_AND_CALL = """
+import gc, json, sys
+from pathlib import Path
+import numpy as np
+from backends import embedding as emb
+encoder = emb.OpenVinoEncoder(Path(sys.argv[1]), "f32")
+gc.collect()   # nothing but the encoder holds the blob's map now
+mapped = str(Path(sys.argv[1]).with_name(emb.COMPILED_BLOB)) in Path("/proc/self/maps").read_text()
+feeds = {k: np.array(v, dtype=np.int64) for k, v in json.loads(sys.argv[2]).items()}
+print(json.dumps({"imported": encoder.imported, "mapped": mapped, "out": [encoder(feeds).tolist() for _ in range(3)]}))
+"""
+
+
+def test_the_blob_is_imported_from_its_memory_map_which_lives_as_long_as_the_encoder(encoder_xml):
+    """The plugin reads an imported encoder's constants from the blob's pages (no copy): a map
+    released before the encoder crashed the process (measured: SIGSEGV on the first call). Run in a
+    subprocess, so that a crash is this test's failure and not the end of the run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fresh = emb.OpenVinoEncoder(encoder_xml, "f32")(FEEDS)
+    emb.export_compiled(encoder_xml, "f32")
+    root = Path(emb.__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", IMPORT_AND_CALL, str(encoder_xml),
+                          json.dumps({k: v.tolist() for k, v in FEEDS.items()})],
+                         capture_output=True, text=True, timeout=120, cwd=root, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["imported"] and got["mapped"]
+    assert all(np.array_equal(np.array(out, dtype=np.float32), fresh) for out in got["out"])
+
+
 @pytest.mark.parametrize("change", ["openvino", "isa_class", "properties", "xml_sha256", "bin_bytes"])
 def test_a_blob_for_anything_else_is_not_imported(encoder_xml, change):
     emb.export_compiled(encoder_xml, "f32")
