@@ -346,6 +346,7 @@ def test_repository_models_are_wired(tmp_path, config):
     for name in names[:2]:   # each Python model points at the repository's own runtime
         shim = (repo / name / "1" / "model.py").read_text()
         assert writer.runtime.path in shim and "from backends.models.embedding_" in shim
+        assert -1 < shim.find("import backends.stub_process") < shim.find("from backends.models.")
     assert not (repo / dep.embedding / "1" / "model.py").exists()   # the ensemble has no code
     # shared models do not depend on the precision: rebuilding another precision leaves them identical
     before = texts[dep.embedding_tokenize]
