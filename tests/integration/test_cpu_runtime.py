@@ -6,10 +6,7 @@ floors; the engine in Triton says which setting it runs; its memory is the manif
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from backends.errors import BuildError
 from backends.tokenization import ModelTokenizer
 from builder.serve.gateway.memory import stub_rss_bytes
 from tests.support.llm_client import engine_ids
+from tests.support.python_json import python_json
 
 pytestmark = pytest.mark.slow
 QUANTIZED = ["fp16", "int8", "fp8"]
@@ -42,11 +40,8 @@ def accuracy_ids(repository: Path) -> list[int]:
 
 def run_capped(cap: str | None, module: str, job: dict) -> dict:
     """Run a module (JSON in, JSON out) in a process whose oneDNN kernels are capped to `cap`."""
-    env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": cap} if cap else {})}
-    proc = subprocess.run([sys.executable, "-m", module], input=json.dumps(job), capture_output=True, text=True,
-                          env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return python_json("-m", module, stdin=json.dumps(job), env={"ONEDNN_MAX_CPU_ISA": cap} if cap else None,
+                       timeout=600)
 
 
 @pytest.mark.parametrize("precision", QUANTIZED)

@@ -9,6 +9,7 @@ import openvino as ov
 import pytest
 
 from backends import embedding as emb
+from tests.support.python_json import python_json
 
 
 @pytest.fixture
@@ -58,18 +59,9 @@ def test_the_blob_is_imported_from_its_memory_map_which_lives_as_long_as_the_enc
     """The plugin reads an imported encoder's constants from the blob's pages (no copy): a map
     released before the encoder crashed the process (measured: SIGSEGV on the first call). Run in a
     subprocess, so that a crash is this test's failure and not the end of the run."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     fresh = emb.OpenVinoEncoder(encoder_xml, "f32")(FEEDS)
     emb.export_compiled(encoder_xml, "f32")
-    root = Path(emb.__file__).resolve().parent.parent
-    run = subprocess.run([sys.executable, "-c", IMPORT_AND_CALL, str(encoder_xml),
-                          json.dumps({k: v.tolist() for k, v in FEEDS.items()})],
-                         capture_output=True, text=True, timeout=120, cwd=root, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    got = json.loads(run.stdout.strip().splitlines()[-1])
+    got = python_json("-c", IMPORT_AND_CALL, str(encoder_xml), json.dumps({k: v.tolist() for k, v in FEEDS.items()}))
     assert got["imported"] and got["mapped"]
     assert all(np.array_equal(np.array(out, dtype=np.float32), fresh) for out in got["out"])
 

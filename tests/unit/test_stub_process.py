@@ -1,12 +1,7 @@
 """backends.stub_process: what every built model.py applies before its model's code (only in Triton
 stubs). openvino and openvino_genai still import and run there, without the model-conversion API."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.python_json import python_json
 
 IN_A_STUB = """
 import json, sys
@@ -24,18 +19,12 @@ print(json.dumps({"out": out, "convert_model": hasattr(ov, "convert_model"),
 """
 
 
-def _run(code: str) -> dict:
-    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
-
-
 def test_a_stub_runs_openvino_and_genai_without_loading_the_conversion_api():
-    got = _run(IN_A_STUB)
+    got = python_json("-c", IN_A_STUB)
     assert got == {"out": [4.0, 9.0], "convert_model": False, "ovc_loaded": False, "genai": True}
 
 
 def test_other_processes_keep_the_conversion_api():
-    got = _run("import json, openvino as ov; print(json.dumps({'convert_model': hasattr(ov, 'convert_model')}))")
+    got = python_json("-c", "import json, openvino as ov\n"
+                            "print(json.dumps({'convert_model': hasattr(ov, 'convert_model')}))")
     assert got == {"convert_model": True}
