@@ -28,21 +28,23 @@ prometheus:
 demo: install nginx
 	$(PY) -m builder.cli.demo
 
-# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers, one
-# process: they keep both cores busy), then integration tests (real Triton, nginx, S3) on two
-# pytest-xdist workers, since they mostly wait on servers (tests/conftest.py keeps each module on one
-# worker, the shared LLM build on one, and gives each worker its own port range), then the
-# timing-sensitive fault injection (`-m alone`) with the machine to itself. `TEST_WORKERS=0` runs
-# the integration tests in one process instead: 16-18 min against 10 + 3.5 min on 2 cores
-# (fresh-clone .ci/run 2026-12-02: 1034 s in all, the install included, AVX-512 host; 2026-12-03 on an
-# AVX2-only host: 1043 and 1168 s).
+# The layer contracts (pyproject.toml [tool.importlinter]) first, then unit tests (no servers) on
+# two pytest-xdist workers, each module whole on one: 137 s against 168 s in one process (AVX2-only
+# host, 2026-12-03), since much of them is imports, tokenizer loads and single-threaded compiles.
+# Then integration tests (real Triton, nginx, S3) on two workers, since they mostly wait on servers
+# (tests/conftest.py keeps each module on one worker, the shared LLM build on one, and gives each
+# worker its own port range), then the timing-sensitive fault injection (`-m alone`) with the
+# machine to itself. `TEST_WORKERS=0` runs the tests in one process instead: 16-18 min against
+# 10 + 3.5 min on 2 cores (fresh-clone .ci/run 2026-12-02: 1034 s in all, the install included,
+# AVX-512 host; 2026-12-03 on an AVX2-only host: 1043 and 1168 s).
 TEST_WORKERS ?= 2
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=10 tests/unit
 ifeq ($(TEST_WORKERS),0)
+	$(PY) -m pytest -q --durations=10 tests/unit
 	$(PY) -m pytest -q --durations=25 tests/integration
 else
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=10 tests/unit
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --durations=25 -m "not alone" tests/integration
 	$(PY) -m pytest -q --durations=10 -m alone tests/integration
 endif
