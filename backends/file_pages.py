@@ -3,10 +3,16 @@
 Why: OpenVINO memory-maps an engine's `openvino_model.bin`, and on the first inference the CPU
 plugin repacks every weight for its kernels into memory of its own. The mapped originals stay
 resident (file-backed, clean) beside the copies: 128 MB of the int8 SmolLM2 engine's RSS, which
-the memory budget and a container's memory limit count. `MADV_PAGEOUT` (Linux 5.4+) asks the
-kernel to reclaim them; clean file pages are simply dropped, so nothing is lost, and any page read
-again (an embedding row looked up in the original table) is faulted back in from the file.
-Measured on the int8 engine (docs/cpu-performance.md): 671 -> 540 MB after 8 x 1000-token prompts.
+the memory budget and a container's memory limit count. `MADV_DONTNEED` on a read-only mapping
+takes the pages out of this process (its RSS falls by as much) and leaves them in the page cache,
+which the kernel reclaims when it needs memory; a page read again (an embedding row looked up in
+the original table) is a minor fault from that cache. Only mappings that cannot be written are
+released: nothing of the process's own can be lost. Measured on the int8 engine
+(docs/cpu-performance.md): 671 -> 540 MB after 8 x 1000-token prompts.
+
+`MADV_PAGEOUT` was used first: it reclaims the pages from the page cache too, so the next request
+read ~4 MB back from disk in major faults, which took ~110 ms of its first token (151 against 42 ms
+in-process, int8 SmolLM2, AVX2 host, 2026-12-03); the RSS it gives back is the same.
 """
 
 from __future__ import annotations
@@ -17,24 +23,26 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-MADV_PAGEOUT = 21
+MADV_DONTNEED = 4
 
 
-def _mapping(line: str) -> tuple[int, int, str] | None:
-    """(start, end, path) of a mapping's header line in /proc/self/maps or smaps (path "" for an
-    anonymous mapping); None for smaps' per-mapping field lines ("Rss:    4 kB")."""
+def _mapping(line: str) -> tuple[int, int, str, str] | None:
+    """(start, end, permissions, path) of a mapping's header line in /proc/self/maps or smaps (path
+    "" for an anonymous mapping); None for smaps' per-mapping field lines ("Rss:    4 kB")."""
     parts = line.split(maxsplit=5)
     if len(parts) < 5 or parts[0].endswith(":"):
         return None
     start, end = (int(x, 16) for x in parts[0].split("-"))
-    return start, end, parts[5].rstrip("\n") if len(parts) == 6 else ""
+    return start, end, parts[1], parts[5].rstrip("\n") if len(parts) == 6 else ""
 
 
-def mapped_ranges(path: Path) -> list[tuple[int, int]]:
-    """Address ranges [start, end) of this process's mappings of `path`."""
+def mapped_ranges(path: Path, read_only: bool = False) -> list[tuple[int, int]]:
+    """Address ranges [start, end) of this process's mappings of `path` (only those that cannot be
+    written with `read_only`)."""
     target = str(Path(path).resolve())
     with open("/proc/self/maps") as maps:
-        return [(m[0], m[1]) for m in map(_mapping, maps) if m and m[2] == target]
+        return [(m[0], m[1]) for m in map(_mapping, maps)
+                if m and m[3] == target and not (read_only and "w" in m[2])]
 
 
 def resident_bytes(path: Path) -> int:
@@ -43,27 +51,28 @@ def resident_bytes(path: Path) -> int:
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
             if (m := _mapping(line)) is not None:
-                inside = m[2] == target
+                inside = m[3] == target
             elif inside and line.startswith("Rss:"):
                 total += int(line.split()[1]) * 1024
     return total
 
 
-def page_out(path: Path) -> int:
-    """Ask the kernel to reclaim the resident pages of every mapping of `path`; returns how many
-    mappings were advised (0 where the kernel or the platform cannot: never an error)."""
+def release(path: Path) -> int:
+    """Take the resident pages of every read-only mapping of `path` out of this process (they stay
+    in the page cache); returns how many mappings were released (0 where the kernel or the platform
+    cannot: never an error)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         madvise = libc.madvise
         madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        ranges = mapped_ranges(path)
+        ranges = mapped_ranges(path, read_only=True)
     except (OSError, AttributeError) as e:
-        log.info("cannot page out %s: %s", path, e)
+        log.info("cannot release the pages of %s: %s", path, e)
         return 0
     done = 0
     for start, end in ranges:
-        if madvise(start, end - start, MADV_PAGEOUT) == 0:
+        if madvise(start, end - start, MADV_DONTNEED) == 0:
             done += 1
         else:
-            log.info("madvise(MADV_PAGEOUT) on %s failed: errno %d", path, ctypes.get_errno())
+            log.info("madvise(MADV_DONTNEED) on %s failed: errno %d", path, ctypes.get_errno())
     return done

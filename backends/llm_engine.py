@@ -163,7 +163,7 @@ class ContinuousBatchingEngine:
         self.pipeline = og.ContinuousBatchingPipeline(*self._pipeline_args)
         # the mapped weights, given back once a first answer has run every kernel (file_pages)
         self._weights = Path(engine_dir) / "openvino_model.bin"
-        self._weights_paged_out = False
+        self._weights_released = False
         self.rebuilds = 0
         self.on_step = on_step
         self._queue: queue.Queue[GenerationRequest] = queue.Queue()
@@ -326,10 +326,10 @@ class ContinuousBatchingEngine:
             self._deliver(req, live.generated, True, reason)
         if final:
             self._live.pop(rid, None)
-            if not self._weights_paged_out and reason in ("stop", "length"):
+            if not self._weights_released and reason in ("stop", "length"):
                 # prefill and decode have run: the CPU plugin holds its own repacked weights now
-                file_pages.page_out(self._weights)
-                self._weights_paged_out = True
+                file_pages.release(self._weights)
+                self._weights_released = True
 
     def _step_failed(self, error: Exception) -> None:
         """Answer every live request and build the pipeline again: a step that raised leaves it
@@ -354,7 +354,7 @@ class ContinuousBatchingEngine:
         try:
             self.pipeline = self._og.ContinuousBatchingPipeline(*self._pipeline_args)
             self.rebuilds += 1
-            self._weights_paged_out = False
+            self._weights_released = False
         except Exception:
             log.exception("the pipeline could not be built again: the engine stops taking requests")
             self._stop.set()

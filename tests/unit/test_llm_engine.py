@@ -137,7 +137,7 @@ def test_the_mapped_weights_are_given_back_after_the_first_answer(tiny_repositor
         first = submit(fresh, [9, 10, 11], 12, end_id=-1)
         assert first.done.wait(60)
         deadline = time.monotonic() + 10
-        while not fresh._weights_paged_out and time.monotonic() < deadline:   # set once paged out
+        while not fresh._weights_released and time.monotonic() < deadline:   # set once released
             time.sleep(0.01)
         assert weights.stat().st_size > 1 << 20
         assert file_pages.resident_bytes(weights) < weights.stat().st_size // 4
