@@ -16,6 +16,7 @@ from backends.errors import RequestError
 from backends.guided import check_guide, check_penalties
 from backends.sampling import check_sampling
 from backends.tokenization import ModelTokenizer, parse_messages
+from backends.word_lists import words_to_list
 
 
 @dataclass
@@ -46,33 +47,6 @@ def utf8(value: bytes, what: str) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RequestError(f"{what} is not valid UTF-8 (bad byte at position {e.start}): send UTF-8 text") from None
-
-
-def words_to_list(tok: ModelTokenizer, words: list[str]) -> np.ndarray:
-    """Words -> tensorrtllm's [2, L] layout: row 0 the concatenated ids, row 1 the end offsets
-    padded with -1. No words -> [[0], [-1]]."""
-    ids: list[int] = []
-    offsets: list[int] = []
-    for w in words:
-        ids.extend(tok.encode(w, add_special_tokens=False))
-        offsets.append(len(ids))
-    if not ids:
-        return np.array([[0], [-1]], dtype=np.int32)
-    offsets += [-1] * (len(ids) - len(offsets))
-    return np.array([ids, offsets], dtype=np.int32)
-
-
-def list_to_words(flat: np.ndarray) -> list[list[int]]:
-    """Inverse of words_to_list, as the engine reads it."""
-    flat = np.asarray(flat).reshape(2, -1)
-    ids, offsets = flat[0].tolist(), [o for o in flat[1].tolist() if o >= 0]
-    out, start = [], 0
-    for end in offsets:
-        if end < start or end > len(ids):
-            raise RequestError("stop_words_list/bad_words_list offsets are malformed")
-        out.append(ids[start:end])
-        start = end
-    return [w for w in out if w]
 
 
 def preprocess(tok: ModelTokenizer, req: ClientRequest, context_size: int) -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ from backends.errors import RequestError
 from backends.guided import check_guide, check_penalties
 from backends.llm_engine import ContinuousBatchingEngine, GenerationRequest, PromptLookup
 from backends.metrics import ModelMetrics
-from backends.preprocess import list_to_words
 from backends.sampling import check_sampling
+from backends.word_lists import list_to_words
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 KV_REFRESH_SECONDS = 0.5    # the KV cache gauge follows the engine at most this often

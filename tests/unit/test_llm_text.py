@@ -12,9 +12,10 @@ from backends.context import fit_chat, fit_prompt
 from backends.detokenize import StreamDetokenizer, detokenize
 from backends.errors import RequestError
 from backends.postprocess import TextStream, whole
-from backends.preprocess import ClientRequest, list_to_words, preprocess, words_to_list
+from backends.preprocess import ClientRequest, preprocess
 from backends.sampling import check_sampling
 from backends.tokenization import ModelTokenizer, parse_messages
+from backends.word_lists import list_to_words, words_to_list
 
 TEXTS = [
     "Hello, world! How are you today?",

@@ -28,3 +28,20 @@ def test_other_processes_keep_the_conversion_api():
     got = python_json("-c", "import json, openvino as ov\n"
                             "print(json.dumps({'convert_model': hasattr(ov, 'convert_model')}))")
     assert got == {"convert_model": True}
+
+
+ENGINE_STUB_IMPORTS = """
+import json, sys
+from pathlib import Path
+import pytriton
+sys.path.insert(0, str(Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python"))
+import backends.stub_process
+from backends.models.llm_engine import TritonPythonModel
+print(json.dumps({"model": TritonPythonModel.__name__,
+                  "loaded": sorted(m for m in ("jinja2", "tokenizers") if m in sys.modules)}))
+"""
+
+
+def test_the_engine_stub_imports_no_tokenizer_nor_templates():
+    """The engine only reads token ids; preprocessing's imports (~35 ms) would lengthen every cold start."""
+    assert python_json("-c", ENGINE_STUB_IMPORTS) == {"model": "TritonPythonModel", "loaded": []}
