@@ -43,7 +43,7 @@ CANCEL_CHECK_S = 0.1
 # prompts over several steps, as vLLM's chunked prefill): a step's scratch memory follows it. The
 # default 8k-context int8 SmolLM2 held 914 MB after 8 x 1000-token prompts prefilled in one step,
 # 671 MB at 2048 (1024: 635, 512: 615); greedy output is unchanged (tested). 512 and not 2048:
-# with the weights paged out, 475 MiB against 533, and prefill no slower (8 x 1000 tokens 3.4-3.9 s
+# with the weights released, 475 MiB against 533, and prefill no slower (8 x 1000 tokens 3.4-3.9 s
 # against 3.6-3.9 s; one 1900-token prompt 0.88-0.94 s against 0.93-1.03 s); 256 was slower.
 PREFILL_CHUNK_TOKENS = 512
 

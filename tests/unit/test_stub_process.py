@@ -43,5 +43,5 @@ print(json.dumps({"model": TritonPythonModel.__name__,
 
 
 def test_the_engine_stub_imports_no_tokenizer_nor_templates():
-    """The engine only reads token ids; preprocessing's imports (~35 ms) would lengthen every cold start."""
+    """The engine only reads token ids; preprocessing's imports would lengthen every LLM cold start."""
     assert python_json("-c", ENGINE_STUB_IMPORTS) == {"model": "TritonPythonModel", "loaded": []}
