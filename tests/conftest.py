@@ -143,16 +143,24 @@ def tiny_llama(tmp_path_factory, smollm2) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2.hf_dir)
 
 
+def llm_specs(tiny_llama: Path) -> list:
+    """The session's LLM repository: every precision of the default model and the tiny Llama. Only
+    int8's memory is measured (test_cpu_runtime checks it; the load test costs ~20 s per precision)."""
+    from builder.build.deployment import DeploymentSpec
+
+    others = [p for p in LLM_PRECISIONS if p != "int8"]
+    return [DeploymentSpec(LLM_NAME, precisions=["int8"], context_size=LLM_CONTEXT, max_batch_size=4),
+            DeploymentSpec(LLM_NAME, precisions=others, context_size=LLM_CONTEXT, max_batch_size=4, memory_test=False),
+            DeploymentSpec(TINY_NAME, source=str(tiny_llama), precisions=["fp32"], context_size=256,
+                           max_batch_size=2)]
+
+
 @pytest.fixture(scope="session")
 def llm_repository(tmp_path_factory, build_cache, tiny_llama) -> Path:
-    from builder.build.deployment import DeploymentSpec
     from builder.build.pipeline import BuildOptions, build
 
     out = tmp_path_factory.mktemp("llm") / "repository"
-    specs = [DeploymentSpec(LLM_NAME, precisions=LLM_PRECISIONS, context_size=LLM_CONTEXT, max_batch_size=4),
-             DeploymentSpec(TINY_NAME, source=str(tiny_llama), precisions=["fp32"], context_size=256,
-                            max_batch_size=2)]
-    build(specs, BuildOptions(output=out, cache_dir=build_cache, echo=lambda _: None))
+    build(llm_specs(tiny_llama), BuildOptions(output=out, cache_dir=build_cache, echo=lambda _: None))
     return out
 
 

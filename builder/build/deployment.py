@@ -55,6 +55,9 @@ class DeploymentSpec:
     idle_timeout: int | None = None         # serving: seconds idle before unloaded (serve --idle-timeout otherwise)
     max_queue: int | None = None            # serving: queued past max_batch_size before 429 (serve --max-queue otherwise)
     prompt_lookup: bool = False             # CPU LLM engine: prompt-lookup decoding for every request
+    # CPU engines: measure the engine's resident memory under a load test at build (~20 s per LLM
+    # precision on 2 cores); False: the manifest records an estimate from the weights instead
+    memory_test: bool = True
     # TensorRT-LLM only
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -89,6 +92,8 @@ class DeploymentSpec:
             raise InvalidArgumentError(f"{self.name}: max_queue must be a whole number of requests >= 0")
         if not isinstance(self.prompt_lookup, bool):
             raise InvalidArgumentError(f"{self.name}: prompt_lookup must be true or false")
+        if not isinstance(self.memory_test, bool):
+            raise InvalidArgumentError(f"{self.name}: memory_test must be true or false")
         if self.prompt_lookup and self.kind != "llm":
             raise InvalidArgumentError(f"{self.name}: prompt_lookup is for LLM deployments: remove it from this "
                                        f"{self.kind} deployment")

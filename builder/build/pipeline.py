@@ -147,7 +147,8 @@ def _inputs_digest(spec: DeploymentSpec, precision: str, ckpt: Checkpoint, engin
                       "context_size": context, "max_batch_size": spec.max_batch_size, "pooling": spec.pooling,
                       "tp": spec.tensor_parallel, "pp": spec.pipeline_parallel,
                       "max_num_tokens": spec.max_num_tokens, "calibration": spec.calibration_dataset,
-                      "int8_kv_cache": spec.int8_kv_cache, "prompt_lookup": spec.prompt_lookup, "code": code})
+                      "int8_kv_cache": spec.int8_kv_cache, "prompt_lookup": spec.prompt_lookup,
+                      "memory_test": spec.memory_test, "code": code})
 
 
 def build(specs: list[DeploymentSpec], opts: BuildOptions) -> BuildResult:

@@ -18,12 +18,14 @@ from builder.serve.storage import push as push_repository
 
 
 def _specs_from_options(source, name, kind, precision, context_size, max_batch_size, engine, pooling,
-                        prompt_lookup=False):
+                        prompt_lookup=False, memory_test=True):
     if source and Path(source).suffix == ".toml":
         if prompt_lookup:
             raise InvalidArgumentError("--prompt-lookup does not apply to a deployment file: set "
                                        "prompt_lookup = true in its [[models]] table instead")
         specs, serving = load_deployment_file(Path(source))
+        for spec in specs:      # a build choice, not a deployment's: --no-memory-test applies to all
+            spec.memory_test = spec.memory_test and memory_test
         return specs, serving
     src = source or "default"
     if name is None:
@@ -32,7 +34,7 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
         name = default_name(kind)
     spec = DeploymentSpec(name=name, kind=kind, source=src, precisions=parse_precisions(precision),
                           context_size=context_size, max_batch_size=max_batch_size, engine=engine,
-                          pooling=pooling, prompt_lookup=prompt_lookup)
+                          pooling=pooling, prompt_lookup=prompt_lookup, memory_test=memory_test)
     return [spec], None
 
 
@@ -53,6 +55,10 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
               help="CPU LLM: prompt-lookup decoding for every request (several tokens a step where the "
                    "answer copies the prompt: summaries, RAG, code edits; slower on full batches of "
                    "answers that copy nothing).")
+@click.option("--no-memory-test", "memory_test", is_flag=True, default=True, flag_value=False,
+              help="Skip the load test that measures each CPU engine's resident memory (~20 s per LLM "
+                   "precision on 2 cores); the manifest records an estimate from the weights, which "
+                   "serve's memory budget counts until it measures the loaded stubs.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("model_repository_out"),
               show_default=True, help="Triton model repository to write (created or updated).")
 @click.option("--cache-dir", type=click.Path(path_type=Path),
@@ -63,7 +69,7 @@ def _specs_from_options(source, name, kind, precision, context_size, max_batch_s
 @click.option("--push", metavar="S3_URL", help="Push the repository to object storage after the build.")
 @click.option("--endpoint-url", envvar="AWS_ENDPOINT_URL", help="S3-compatible endpoint for --push.")
 def build_engines(source, name, kind, precision, context_size, max_batch_size, engine, pooling, prompt_lookup,
-                  output, cache_dir, force, dry_run, push, endpoint_url):
+                  memory_test, output, cache_dir, force, dry_run, push, endpoint_url):
     """Build SOURCE into one engine per precision and a Triton model repository.
 
     SOURCE is a Hugging Face directory (config.json, *.safetensors, tokenizer.json), a GGUF file, or
@@ -77,7 +83,7 @@ def build_engines(source, name, kind, precision, context_size, max_batch_size, e
       build-engines deployment.toml -o repo
     """
     specs, _serving = _specs_from_options(source, name, kind, precision, context_size, max_batch_size, engine,
-                                          pooling, prompt_lookup)
+                                          pooling, prompt_lookup, memory_test)
     if dry_run:
         click.echo(format_plan(specs, output, cache_dir))
         return

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.http as httpclient
-from conftest import LLM_CONTEXT, LLM_NAME, LLM_PRECISIONS, TINY_NAME
+from conftest import LLM_CONTEXT, LLM_NAME, LLM_PRECISIONS, TINY_NAME, llm_specs
 
 from backends.contract.manifest import read_manifest, verify_files
 from backends.contract.naming import DeploymentName
@@ -132,14 +132,11 @@ def test_manifest_records_precisions_honestly(llm_repository):
 
 
 def test_unchanged_inputs_rebuild_nothing(llm_repository, build_cache, tiny_llama):
-    from builder.build.deployment import DeploymentSpec
     from builder.build.pipeline import BuildOptions, build
 
     before = (llm_repository / "manifest.json").stat().st_mtime_ns
     t0 = time.monotonic()
-    result = build([DeploymentSpec(LLM_NAME, precisions=LLM_PRECISIONS, context_size=LLM_CONTEXT, max_batch_size=4),
-                    DeploymentSpec(TINY_NAME, source=str(tiny_llama), precisions=["fp32"], context_size=256,
-                                   max_batch_size=2)],
+    result = build(llm_specs(tiny_llama),
                    BuildOptions(output=llm_repository, cache_dir=build_cache, echo=lambda _: None))
     assert result.built == [] and len(result.up_to_date) == 5
     assert (llm_repository / "manifest.json").stat().st_mtime_ns == before

@@ -30,7 +30,7 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def repository(tmp_path_factory, build_cache, tiny_llama) -> Path:
     out = tmp_path_factory.mktemp("metrics") / "repository"
     build([DeploymentSpec(TINY_NAME, source=str(tiny_llama), precisions=["fp32"], context_size=256, max_batch_size=2),
-           DeploymentSpec("all-minilm-l6-v2", kind="embedding", precisions=["int8"])],
+           DeploymentSpec("all-minilm-l6-v2", kind="embedding", precisions=["int8"], memory_test=False)],
           BuildOptions(output=out, cache_dir=build_cache, echo=lambda _: None))
     return out
 

@@ -360,7 +360,7 @@ def test_last_used_is_recorded(gateway, state_dir, client):
 @pytest.fixture(scope="module")
 def embedding_server(tmp_path_factory, build_cache, cache_dir):
     out = tmp_path_factory.mktemp("emb") / "repository"
-    build([DeploymentSpec("all-minilm-l6-v2", kind="embedding", precisions=["int8"])],
+    build([DeploymentSpec("all-minilm-l6-v2", kind="embedding", precisions=["int8"], memory_test=False)],
           BuildOptions(output=out, cache_dir=build_cache, echo=lambda _: None))
     with TritonServer(out, Ports(*free_ports(3)), cache_dir=cache_dir,
                       log_path=tmp_path_factory.mktemp("triton-emb") / "triton.log") as server:

@@ -58,6 +58,7 @@ precisions = ["int8"]
     ("[[models]\nname = 'a'\n", "not valid TOML"),
     ("[[models]]\nname = 'a'\nmax_batch_size = 0\n", "max batch size"),
     ("[[models]]\nname = 'a'\nprompt_lookup = 'yes'\n", "prompt_lookup must be true or false"),
+    ("[[models]]\nname = 'a'\nmemory_test = 'no'\n", "memory_test must be true or false"),
     ("[[models]]\nname = 'a'\nkind = 'embedding'\nprecisions = ['int8']\nprompt_lookup = true\n",
      "prompt_lookup is for LLM deployments"),
     ("[[models]]\nname = 'a'\nengine = 'tensorrt-llm'\nprompt_lookup = true\n", "CPU engine only"),
@@ -101,3 +102,24 @@ def test_prompt_lookup_is_refused_once_auto_resolves_to_tensorrt_llm():
     spec.check_engine_features("cpu")
     with pytest.raises(InvalidArgumentError, match="CPU engine only, and this deployment builds tensorrt-llm"):
         spec.check_engine_features("tensorrt-llm")
+
+
+def test_no_memory_test_reaches_every_spec_and_rebuilds(tmp_path):
+    """--no-memory-test is a build choice: it applies to a deployment file's every model, and the
+    inputs digest follows it (a later build with the test measures what was estimated)."""
+    from builder.build.pipeline import _inputs_digest
+    from builder.cli.build import _specs_from_options
+
+    f = tmp_path / "d.toml"
+    f.write_text("[[models]]\nname = 'a'\n[[models]]\nname = 'b'\nkind = 'embedding'\nprecisions = ['int8']\n")
+    assert [s.memory_test for s in _specs_from_options(str(f), None, "llm", "int8", None, None, "auto", None)[0]] \
+        == [True, True]
+    specs, _ = _specs_from_options(str(f), None, "llm", "int8", None, None, "auto", None, memory_test=False)
+    assert [s.memory_test for s in specs] == [False, False]
+    plain, = _specs_from_options(None, None, "llm", "int8", None, None, "auto", None, memory_test=False)[0]
+    assert plain.memory_test is False and DeploymentSpec("x").memory_test is True
+
+    class Ckpt:
+        digest = "d"
+    on, off = DeploymentSpec("x", precisions=["int8"]), DeploymentSpec("x", precisions=["int8"], memory_test=False)
+    assert _inputs_digest(on, "int8", Ckpt, "cpu", 256, "c") != _inputs_digest(off, "int8", Ckpt, "cpu", 256, "c")
