@@ -36,7 +36,8 @@ demo: install nginx
 # worker its own port range), then the timing-sensitive fault injection (`-m alone`) with the
 # machine to itself. `TEST_WORKERS=0` runs the tests in one process instead: 16-18 min against
 # 10 + 3.5 min on 2 cores (fresh-clone .ci/run 2026-12-02: 1034 s in all, the install included,
-# AVX-512 host; 2026-12-03 on an AVX2-only host: 1043 and 1168 s).
+# AVX-512 host; 2026-12-03 on an AVX2-only host: 1043, 1168, then on a slower hour 1235 s, and
+# 1158 s once the test builds measured only the memory a test checks).
 TEST_WORKERS ?= 2
 test: install nginx prometheus
 	$(VENV)/bin/lint-imports
