@@ -38,10 +38,11 @@ def pytest_runtest_makereport(item, call):
             report.sections.append((f"triton log {log}", "\n".join(tail)))
 
 
-# Parallel runs (`make test`'s unit and integration tests, pytest-xdist): each module runs whole on one worker, so
-# its module-scoped servers start once, and the modules that use the session's four-precision LLM
-# build (`llm_repository`, the longest) share one worker, so it is built once. (xdist's own
-# `--dist loadgroup` cannot be used: it marks groups in the node id, which pytest 9 ignores.)
+# Parallel runs (`make test`'s unit and integration tests, pytest-xdist): each module runs whole on
+# one worker, so its module-scoped servers start once, and the modules that use the session's
+# four-precision LLM build (`llm_repository`, the longest) share one worker, so it is built once.
+# (xdist's own `--dist loadgroup` cannot be used: it marks groups in the node id, which pytest 9
+# ignores.)
 LLM_REPOSITORY_MODULES = {"test_cpu_runtime", "test_llm_triton", "test_openai_api", "test_prompt_lookup"}
 
 

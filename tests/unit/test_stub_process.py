@@ -32,9 +32,7 @@ def test_other_processes_keep_the_conversion_api():
 
 ENGINE_STUB_IMPORTS = """
 import json, sys
-from pathlib import Path
-import pytriton
-sys.path.insert(0, str(Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python"))
+sys.path.insert(0, sys.argv[1])     # triton_python_backend_utils, as in a stub
 import backends.stub_process
 from backends.models.llm_engine import TritonPythonModel
 print(json.dumps({"model": TritonPythonModel.__name__,
@@ -44,4 +42,7 @@ print(json.dumps({"model": TritonPythonModel.__name__,
 
 def test_the_engine_stub_imports_no_tokenizer_nor_templates():
     """The engine only reads token ids; preprocessing's imports would lengthen every LLM cold start."""
-    assert python_json("-c", ENGINE_STUB_IMPORTS) == {"model": "TritonPythonModel", "loaded": []}
+    from builder.serve.triton_server import _pytriton_dir
+
+    got = python_json("-c", ENGINE_STUB_IMPORTS, str(_pytriton_dir() / "backends" / "python"))
+    assert got == {"model": "TritonPythonModel", "loaded": []}
